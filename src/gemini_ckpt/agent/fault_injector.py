@@ -1,0 +1,62 @@
+"""Executes the kill-worker faults aimed at this machine's ranks, with real signals, once each."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Sequence
+
+from gemini_ckpt.faults import FaultPoint, ResolvedFault
+from gemini_ckpt.observability import events
+from gemini_ckpt.observability.events import EventLog
+
+log = logging.getLogger(__name__)
+
+
+class FaultInjector:
+    """Decides when a fault fires; every fault fires at most once per job."""
+
+    def __init__(self, faults: Sequence[ResolvedFault], event_log: EventLog) -> None:
+        self._pending = list(faults)
+        self._events = event_log
+        self._lock = threading.Lock()
+
+    def failpoints(self, rank: int) -> list[dict[str, object]]:
+        """Fault points the trainer of `rank` must report when it reaches them."""
+        with self._lock:
+            return [{"name": f.point.value, "step": f.step} for f in self._pending
+                    if f.rank == rank and f.point is not FaultPoint.AFTER_COMMIT]
+
+    def _take(self, rank: int, step: int, point: FaultPoint) -> ResolvedFault | None:
+        with self._lock:
+            for fault in self._pending:
+                if (fault.rank, fault.step, fault.point) == (rank, step, point):
+                    self._pending.remove(fault)
+                    return fault
+        return None
+
+    def after_commit(self, rank: int, step: int, pid: int | None) -> bool:
+        """Kill `rank` if a fault is due now that it committed `step`; True if it was killed."""
+        return self._fire(self._take(rank, step, FaultPoint.AFTER_COMMIT), pid)
+
+    def at_failpoint(self, rank: int, name: str, step: int, pid: int | None) -> bool:
+        """Kill `rank`, which reports it reached fault point `name` at `step`, if that is due."""
+        try:
+            point = FaultPoint(name)
+        except ValueError:
+            return False
+        return self._fire(self._take(rank, step, point), pid)
+
+    def _fire(self, fault: ResolvedFault | None, pid: int | None) -> bool:
+        if fault is None or pid is None:
+            return False
+        log.warning("fault %s: sending SIGKILL to rank %d (pid %d)", fault.name, fault.rank, pid)
+        self._events.emit(events.FAULT_INJECTED, fault=fault.name, rank=fault.rank,
+                          step=fault.step, point=fault.point.value, pid=pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True

@@ -1,0 +1,222 @@
+"""The agent's answers to its trainers' requests (see `protocol/messages.py` for the call order).
+
+Holds no policy of its own beyond bookkeeping: which slot to write comes from the store, which step
+to restore from the generation's plan, when to kill from the fault injector.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gemini_ckpt.agent.fault_injector import FaultInjector
+from gemini_ckpt.config import AgentConfig
+from gemini_ckpt.coordination.job import JobCoordinator
+from gemini_ckpt.errors import ProtocolError, RecoveryError
+from gemini_ckpt.observability import events
+from gemini_ckpt.observability.events import EventLog
+from gemini_ckpt.protocol.manifest import Manifest
+from gemini_ckpt.protocol.messages import Request
+from gemini_ckpt.recovery.plan import FRESH_START, RestorePlan
+from gemini_ckpt.store.local_store import LocalStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Connection:
+    """Per-connection state: the rank that introduced itself on it."""
+
+    rank: int | None = None
+
+
+@dataclass
+class _Progress:
+    reported: int | None = None
+    timings: dict[int, dict[int, Any]] = field(default_factory=dict)
+
+
+class TrainerService:
+    """Dispatches validated requests; thread-safe (one thread per trainer connection)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: LocalStore,
+        coordinator: JobCoordinator,
+        injector: FaultInjector,
+        event_log: EventLog,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._coordinator = coordinator
+        self._injector = injector
+        self._events = event_log
+        self._lock = threading.Lock()
+        self._pids: dict[int, int] = {}
+        self._progress = _Progress()
+        self._generation = -1
+        self._plan: RestorePlan | None = None
+        self._stopping: str | None = None
+        self._handlers: dict[str, Callable[[Request, Connection], dict[str, Any]]] = {
+            "hello": self._hello, "allocate": self._allocate, "begin": self._begin,
+            "commit": self._commit, "abort": self._abort, "restore": self._restore,
+            "restored": self._restored, "report_corrupt": self._report_corrupt,
+            "failpoint": self._failpoint, "stats": self._stats,
+        }
+
+    # -- called by the agent's run loop ----------------------------------------------------------
+
+    def open_generation(self, generation: int, plan: RestorePlan) -> None:
+        """Serve trainers of `generation`, restoring per `plan`."""
+        with self._lock:
+            self._generation, self._plan, self._stopping = generation, plan, None
+            self._pids.clear()
+            self._progress = _Progress(reported=plan.step)
+
+    def close_generation(self, reason: str) -> None:
+        """Stop serving the current generation: waits in `begin` give up with `reason`."""
+        with self._lock:
+            self._stopping = reason
+
+    def pid(self, rank: int) -> int | None:
+        """Process id of `rank`'s trainer in this generation, if it said hello."""
+        with self._lock:
+            return self._pids.get(rank)
+
+    def _abort_reason(self) -> str | None:
+        with self._lock:
+            return self._stopping
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def handle(self, request: Request, conn: Connection) -> dict[str, Any]:
+        """Answer one request (raises a GeminiError to send an error reply)."""
+        if request.op not in ("stats",) and request["rank"] not in self._config.ranks:
+            raise ProtocolError(
+                f"rank {request['rank']} does not run on machine {self._config.machine} "
+                f"(its ranks are {self._config.ranks.start}..{self._config.ranks.stop - 1})"
+            )
+        if request.op not in ("hello", "stats") and conn.rank != request["rank"]:
+            raise ProtocolError(f"op {request.op!r} for rank {request['rank']} before its hello")
+        return self._handlers[request.op](request, conn)
+
+    def disconnected(self, conn: Connection) -> None:
+        """A trainer's connection closed: an unfinished write of its rank is torn, forget it."""
+        if conn.rank is None:
+            return
+        step = self._store.abort_writes(conn.rank)
+        if step is not None:
+            log.warning("rank %d disconnected while writing step %d; the slot is discarded",
+                        conn.rank, step)
+
+    def _hello(self, request: Request, conn: Connection) -> dict[str, Any]:
+        with self._lock:
+            if request["generation"] != self._generation:
+                raise RecoveryError(
+                    f"trainer of generation {request['generation']} arrived while the job is in "
+                    f"generation {self._generation}; refusing it"
+                )
+            self._pids[request["rank"]] = request["pid"]
+        conn.rank = request["rank"]
+        return {"job": self._config.job_id, "machine": self._config.machine,
+                "failpoints": self._injector.failpoints(request["rank"])}
+
+    def _allocate(self, request: Request, conn: Connection) -> dict[str, Any]:
+        capacity = self._store.allocate(request["rank"], request["nbytes"])
+        log.info("rank %d: slots of %d bytes; %s", request["rank"], capacity,
+                 self._store.usage().describe())
+        return {"capacity": capacity}
+
+    def _begin(self, request: Request, conn: Connection) -> dict[str, Any]:
+        rank, step = request["rank"], request["step"]
+        grant = self._store.prepare_write(rank, step)
+        if grant.overwrites is not None and grant.keep is not None:
+            # The slot to reuse holds an older step; the other slot's step must be held by every
+            # rank of the job first, or a failure now could leave no step common to all ranks.
+            self._coordinator.wait_complete(self._generation, grant.keep,
+                                            self._config.commit_wait_timeout_s, self._abort_reason)
+        path = self._store.begin_write(rank, grant)
+        return {"slot": grant.slot, "path": str(path), "job": self._config.job_id}
+
+    def _commit(self, request: Request, conn: Connection) -> dict[str, Any]:
+        rank = request["rank"]
+        manifest = Manifest.from_dict(request["manifest"])
+        self._store.commit(rank, request["slot"], manifest)
+        self._record_progress(rank, manifest.step, request.fields.get("timing") or {})
+        self._injector.after_commit(rank, manifest.step, self.pid(rank))
+        return {}
+
+    def _record_progress(self, rank: int, step: int, timing: dict[str, Any]) -> None:
+        with self._lock:
+            self._progress.timings.setdefault(step, {})[rank] = timing
+            latest = [self._store.latest(r) for r in self._config.ranks]
+            floor = min(s if s is not None else -1 for s in latest)
+            if floor < step or (self._progress.reported is not None
+                                and floor <= self._progress.reported):
+                return
+            self._progress.reported = floor
+            timings = self._progress.timings.pop(floor, {})
+            for old in [s for s in self._progress.timings if s < floor]:
+                del self._progress.timings[old]
+            generation = self._generation
+        self._coordinator.report_committed(generation, floor)
+        first = min(timings) if timings else None
+        self._events.emit(events.PROGRESS, generation=generation, step=floor, rank=first,
+                          **(timings.get(first, {}) if first is not None else {}))
+
+    def _abort(self, request: Request, conn: Connection) -> dict[str, Any]:
+        step = self._store.abort_writes(request["rank"])
+        log.warning("rank %d abandoned step %s: %s", request["rank"], step, request["reason"])
+        return {}
+
+    def _restore(self, request: Request, conn: Connection) -> dict[str, Any]:
+        rank = request["rank"]
+        with self._lock:
+            plan = self._plan
+        if plan is None:
+            raise RecoveryError("no restore plan yet for this generation")
+        source = plan.sources.get(rank, FRESH_START)
+        if plan.step is None:
+            return {"step": None, "source": source}
+        ref = self._store.locate(rank, plan.step)
+        if ref is None:
+            raise RecoveryError(f"the plan restores step {plan.step} but rank {rank} does not hold it")
+        return {"step": plan.step, "source": source, "path": str(ref.path),
+                "manifest": request_manifest(ref.manifest)}
+
+    def _restored(self, request: Request, conn: Connection) -> dict[str, Any]:
+        with self._lock:
+            plan = self._plan
+        source = plan.sources.get(request["rank"], "?") if plan else "?"
+        self._events.emit(events.RESTORED, generation=self._generation, rank=request["rank"],
+                          step=request["step"], source=source, seconds=request["seconds"])
+        return {}
+
+    def _report_corrupt(self, request: Request, conn: Connection) -> dict[str, Any]:
+        rank, step = request["rank"], request["step"]
+        dropped = self._store.drop(rank, step)
+        log.error("rank %d step %d failed verification and is dropped: %s", rank, step,
+                  request["detail"])
+        self._events.emit(events.CORRUPT, generation=self._generation, rank=rank, step=step,
+                          detail=request["detail"], dropped=dropped)
+        return {}
+
+    def _failpoint(self, request: Request, conn: Connection) -> dict[str, Any]:
+        rank = request["rank"]
+        self._injector.at_failpoint(rank, request["name"], request["step"], self.pid(rank))
+        return {}
+
+    def _stats(self, request: Request, conn: Connection) -> dict[str, Any]:
+        usage = self._store.usage()
+        return {"generation": self._generation, "budget": usage.budget,
+                "reserved": usage.reserved,
+                "inventory": {str(r): s for r, s in self._store.inventory().items()}}
+
+
+def request_manifest(manifest: Manifest) -> dict[str, Any]:
+    """A manifest as a JSON-ready dict for a reply."""
+    return asdict(manifest)

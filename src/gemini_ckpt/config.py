@@ -1,0 +1,205 @@
+"""Configuration: small frozen dataclasses validated on construction.
+
+This is the only module that reads environment variables. Every command-line flag has a `GEMINI_*`
+twin (see `env_default`), and the trainer side finds its agent through the variables the agent sets
+for the worker processes it starts (`TrainerConfig.from_env`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from pathlib import Path
+
+from gemini_ckpt.errors import ConfigError
+
+# Environment contract between the agent and the trainer processes it starts.
+ENV_AGENT_SOCKET = "GEMINI_AGENT_SOCKET"
+ENV_SNAPSHOT_MODE = "GEMINI_SNAPSHOT_MODE"
+ENV_COPY_THREADS = "GEMINI_COPY_THREADS"
+ENV_CHUNK_SIZE = "GEMINI_CHUNK_SIZE"
+ENV_REQUEST_TIMEOUT = "GEMINI_REQUEST_TIMEOUT"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+SNAPSHOT_MODES = ("overlapped", "sync")
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte size such as `512MiB`, `8GiB`, `1.5GB` or `4096`.
+
+    Raises:
+        ConfigError: the text is not a size.
+    """
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"not a byte size: {text!r} (examples: 4096, 512MiB, 8GiB, 1.5GB)")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    binary = "i" in unit
+    prefix = unit[:1] if unit[:1] in "kmgt" else ""
+    scale = 1024 ** "_kmgt".index(prefix) if binary and prefix else _UNITS[prefix]
+    return int(number * scale)
+
+
+def format_size(nbytes: float) -> str:
+    """Render a byte count with a binary unit, e.g. `1.50 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.2f} TiB"
+
+
+def env_default(name: str, fallback: str | None = None) -> str | None:
+    """The value of the `GEMINI_*` twin of a command-line flag, or `fallback`."""
+    return os.environ.get(name, fallback)
+
+
+def default_copy_threads() -> int:
+    """Copy threads per trainer: at most two; more threads only fight over memory bandwidth."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """What a trainer process needs to reach its machine agent and to snapshot its state."""
+
+    agent_socket: Path
+    rank: int
+    local_rank: int
+    world_size: int
+    generation: int = 0
+    snapshot_mode: str = "overlapped"
+    copy_threads: int = field(default_factory=default_copy_threads)
+    chunk_size: int = 4 << 20
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.snapshot_mode not in SNAPSHOT_MODES:
+            raise ConfigError(
+                f"snapshot mode {self.snapshot_mode!r} is not one of {', '.join(SNAPSHOT_MODES)}"
+            )
+        if self.copy_threads < 1:
+            raise ConfigError(f"copy threads must be >= 1, got {self.copy_threads}")
+        if self.chunk_size < 4096 or self.chunk_size % 64:
+            raise ConfigError(
+                f"chunk size must be >= 4096 and a multiple of 64, got {self.chunk_size}"
+            )
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"request timeout must be > 0, got {self.request_timeout_s}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TrainerConfig:
+        """Build the trainer configuration from the variables the agent set for this process.
+
+        Raises:
+            ConfigError: the process was not started by a Gemini agent, or a variable is invalid.
+        """
+        env = os.environ if environ is None else environ
+        socket_path = env.get(ENV_AGENT_SOCKET)
+        if not socket_path:
+            raise ConfigError(
+                f"no Gemini agent found: {ENV_AGENT_SOCKET} is not set. Start the training script "
+                "with `gemini-ckpt launch` (torchrun-style options) or `gemini-ckpt local`."
+            )
+        try:
+            return cls(
+                agent_socket=Path(socket_path),
+                rank=int(env.get("RANK", "0")),
+                local_rank=int(env.get("LOCAL_RANK", "0")),
+                world_size=int(env.get("WORLD_SIZE", "1")),
+                generation=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                snapshot_mode=env.get(ENV_SNAPSHOT_MODE, "overlapped"),
+                copy_threads=int(env.get(ENV_COPY_THREADS, str(default_copy_threads()))),
+                chunk_size=parse_size(env.get(ENV_CHUNK_SIZE, str(4 << 20))),
+                request_timeout_s=float(env.get(ENV_REQUEST_TIMEOUT, "600")),
+            )
+        except ValueError as e:
+            raise ConfigError(f"invalid Gemini environment for this trainer: {e}") from e
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything one machine agent needs; built by the `launch` and `local` commands."""
+
+    job_id: str
+    machine: int
+    machines: int
+    nproc_per_machine: int
+    command: tuple[str, ...]
+    """The worker command line (the Python interpreter, the script and its arguments)."""
+    store_addr: str
+    store_port: int
+    host_store: bool
+    run_dir: Path
+    shm_dir: Path
+    memory_limit: int
+    max_restarts: int = 3
+    snapshot_mode: str = "overlapped"
+    stop_grace_s: float = 10.0
+    """How long a stopping worker may take to commit a save it has under way."""
+    join_timeout_s: float = 300.0
+    commit_wait_timeout_s: float = 600.0
+    tee: bool = False
+    faults: tuple[Any, ...] = ()
+    """`ResolvedFault`s whose rank lives on this machine."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.machine < self.machines:
+            raise ConfigError(f"machine index {self.machine} is outside 0..{self.machines - 1}")
+        if self.nproc_per_machine < 1:
+            raise ConfigError(f"--nproc-per-node must be >= 1, got {self.nproc_per_machine}")
+        if not self.command:
+            raise ConfigError("no training script given")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if self.snapshot_mode not in SNAPSHOT_MODES:
+            raise ConfigError(f"snapshot mode {self.snapshot_mode!r} is not one of {SNAPSHOT_MODES}")
+        if self.memory_limit <= 0:
+            raise ConfigError(f"--memory-limit must be positive, got {self.memory_limit}")
+        if len(str(self.socket_path)) > 100:
+            raise ConfigError(
+                f"agent socket path {self.socket_path} is longer than a Unix socket allows; "
+                "use a shorter --run-dir"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in the job."""
+        return self.machines * self.nproc_per_machine
+
+    @property
+    def ranks(self) -> range:
+        """The global ranks that run on this machine."""
+        first = self.machine * self.nproc_per_machine
+        return range(first, first + self.nproc_per_machine)
+
+    @property
+    def machine_dir(self) -> Path:
+        """This machine's directory in the run directory (events, logs, socket)."""
+        return self.run_dir / f"m{self.machine}"
+
+    @property
+    def socket_path(self) -> Path:
+        """Where the agent listens for its trainers."""
+        return self.machine_dir / "agent.sock"
+
+
+def default_memory_limit() -> int:
+    """Half of what /dev/shm can hold: the rest stays for the training processes themselves."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return 8 << 30
+    return max(1 << 30, stats.f_bsize * stats.f_blocks // 2)
+
+
+def shm_root() -> Path:
+    """Where machine agents put their checkpoint memory."""
+    return Path(os.environ.get("GEMINI_SHM_DIR", "/dev/shm"))

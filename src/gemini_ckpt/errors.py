@@ -1,0 +1,60 @@
+"""The exception hierarchy: one base, one subclass per layer, messages that name the violated constraint."""
+
+from __future__ import annotations
+
+
+class GeminiError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(GeminiError):
+    """A flag, environment variable or argument has a value that cannot work."""
+
+
+class FaultSpecError(ConfigError):
+    """A `--fault` specification is malformed or names something that does not exist."""
+
+
+class ProtocolError(GeminiError):
+    """A message between a trainer and its agent is malformed, too large or out of order."""
+
+
+class RemoteError(GeminiError):
+    """The agent answered a request with an error; `kind` is the agent-side error class name."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+class AgentUnavailableError(GeminiError):
+    """The trainer could not reach its machine agent."""
+
+
+class SnapshotError(GeminiError):
+    """The training state cannot be captured (unsupported value, changed layout, failed copy)."""
+
+
+class RestoreError(GeminiError):
+    """The training state cannot be loaded back."""
+
+
+class CorruptCheckpointError(RestoreError):
+    """A checkpoint failed verification: a chunk's checksum or the manifest does not match the data."""
+
+
+class StoreError(GeminiError):
+    """Checkpoint memory could not be allocated, found or committed."""
+
+
+class MemoryBudgetError(StoreError):
+    """The requested checkpoint memory does not fit the machine's budget."""
+
+
+class CoordinationError(GeminiError):
+    """The job-wide coordination store is unreachable or returned something unexpected."""
+
+
+class RecoveryError(GeminiError):
+    """No consistent state to resume from could be found, or the restart limit was reached."""

@@ -1,0 +1,142 @@
+"""The fault-injection vocabulary shared by tests, the demo and benchmarks.
+
+A fault is written `KIND@key=value,...`, for example `kill-worker@step=12,rank=3`. Parsing and
+resolution are pure; the agent executes resolved faults (it sends the real signals).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import Enum
+
+from gemini_ckpt.errors import FaultSpecError
+
+
+class FaultPoint(str, Enum):
+    """Where in a rank's step a kill-worker fault fires."""
+
+    AFTER_COMMIT = "after-commit"
+    """Right after the rank's checkpoint of `step` is committed: the next iteration is in progress."""
+    MID_SAVE = "mid-save"
+    """While `step` is being written, after some chunks and before the manifest."""
+
+
+_KINDS = {"kill-worker": ("step", "rank", "machine", "point")}
+KNOWN_KINDS = tuple(_KINDS)
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """A fault as written by the user; `rank` may be `None` (use `machine`) or -1 (random)."""
+
+    kind: str
+    step: int
+    rank: int | None = None
+    machine: int | None = None
+    point: FaultPoint = FaultPoint.AFTER_COMMIT
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedFault:
+    """A fault bound to one global rank; `name` is the spec as given, for logs and summaries."""
+
+    kind: str
+    step: int
+    rank: int
+    point: FaultPoint
+    name: str
+
+
+def _int_field(spec: str, key: str, value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise FaultSpecError(f"{key}={value!r} in fault {spec!r} is not an integer") from None
+    if number < minimum:
+        raise FaultSpecError(f"{key}={number} in fault {spec!r} must be >= {minimum}")
+    return number
+
+
+def parse_fault(text: str) -> FaultSpec:
+    """Parse one `--fault` value.
+
+    Raises:
+        FaultSpecError: the kind is unknown, a key is unknown or repeated, or a value is invalid.
+    """
+    kind, sep, rest = text.strip().partition("@")
+    if kind not in _KINDS:
+        raise FaultSpecError(
+            f"unknown fault kind {kind!r} in {text!r}; known kinds: {', '.join(KNOWN_KINDS)}"
+        )
+    if not sep or not rest:
+        raise FaultSpecError(f"fault {text!r} has no parameters; expected {kind}@step=S,rank=R")
+    fields: dict[str, str] = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key or not value.strip():
+            raise FaultSpecError(f"malformed parameter {item!r} in fault {text!r}; expected key=value")
+        if key not in _KINDS[kind]:
+            raise FaultSpecError(
+                f"unknown parameter {key!r} in fault {text!r}; {kind} takes {', '.join(_KINDS[kind])}"
+            )
+        if key in fields:
+            raise FaultSpecError(f"parameter {key!r} is given twice in fault {text!r}")
+        fields[key] = value.strip()
+    return _build_kill_worker(text, fields)
+
+
+def _build_kill_worker(text: str, fields: dict[str, str]) -> FaultSpec:
+    if "step" not in fields:
+        raise FaultSpecError(f"fault {text!r} needs step=S (the step at which to kill)")
+    if ("rank" in fields) == ("machine" in fields):
+        raise FaultSpecError(f"fault {text!r} needs exactly one of rank=R or machine=M")
+    step = _int_field(text, "step", fields["step"], 1)
+    rank: int | None = None
+    if "rank" in fields:
+        rank = -1 if fields["rank"] == "random" else _int_field(text, "rank", fields["rank"], 0)
+    machine = _int_field(text, "machine", fields["machine"], 0) if "machine" in fields else None
+    try:
+        point = FaultPoint(fields.get("point", FaultPoint.AFTER_COMMIT.value))
+    except ValueError:
+        choices = ", ".join(p.value for p in FaultPoint)
+        raise FaultSpecError(
+            f"point={fields['point']!r} in fault {text!r} is not one of {choices}"
+        ) from None
+    return FaultSpec("kill-worker", step, rank, machine, point, text.strip())
+
+
+def resolve_faults(
+    specs: list[FaultSpec], machines: int, nproc_per_machine: int, seed: int = 0
+) -> list[ResolvedFault]:
+    """Bind each fault to a global rank of a job with `machines` × `nproc_per_machine` ranks.
+
+    `machine=M` means that machine's first rank; `rank=random` draws from a generator seeded with
+    `seed`, so a run can be replayed.
+
+    Raises:
+        FaultSpecError: a rank or machine is outside the job.
+    """
+    world = machines * nproc_per_machine
+    rng = random.Random(seed)
+    resolved = []
+    for spec in specs:
+        if spec.machine is not None:
+            if spec.machine >= machines:
+                raise FaultSpecError(
+                    f"machine={spec.machine} in fault {spec.text!r} is outside the job's "
+                    f"{machines} machines (numbered from 0)"
+                )
+            rank = spec.machine * nproc_per_machine
+        elif spec.rank == -1:
+            rank = rng.randrange(world)
+        else:
+            rank = spec.rank if spec.rank is not None else 0
+            if rank >= world:
+                raise FaultSpecError(
+                    f"rank={rank} in fault {spec.text!r} is outside world size {world}"
+                )
+        resolved.append(ResolvedFault(spec.kind, spec.step, rank, spec.point, spec.text))
+    return resolved

@@ -1,0 +1,78 @@
+"""The control messages between a trainer and its machine agent, and their validation.
+
+Every request is `{"op": NAME, "id": N, ...fields}`; every reply is `{"id": N, "ok": true, ...}` or
+`{"id": N, "ok": false, "error": {"kind": CLASS, "message": TEXT}}`.
+
+Call order for one rank: `hello`, then `restore` (which may be followed by `restored` or
+`report_corrupt`), then per step `allocate` (only when the state grew), `begin`, `commit` (or
+`abort`). `failpoint` is sent by a trainer that reached an armed fault point; the agent kills it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gemini_ckpt.errors import ProtocolError
+
+# op -> required fields and their types
+SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "hello": {"rank": int, "pid": int, "generation": int},
+    "allocate": {"rank": int, "nbytes": int},
+    "begin": {"rank": int, "step": int},
+    "commit": {"rank": int, "slot": int, "manifest": dict},
+    "abort": {"rank": int, "step": int, "reason": str},
+    "restore": {"rank": int},
+    "restored": {"rank": int, "step": int, "seconds": (int, float)},
+    "report_corrupt": {"rank": int, "step": int, "detail": str},
+    "failpoint": {"rank": int, "name": str, "step": int},
+    "stats": {},
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request."""
+
+    op: str
+    id: int
+    fields: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+
+def parse_request(message: dict[str, Any]) -> Request:
+    """Validate a decoded frame as a request.
+
+    Raises:
+        ProtocolError: unknown op, missing field or a field of the wrong type; the message says which.
+    """
+    op = message.get("op")
+    request_id = message.get("id", 0)
+    if not isinstance(request_id, int) or isinstance(request_id, bool):
+        raise ProtocolError(f"request id must be an integer, got {request_id!r}")
+    if op not in SCHEMAS:
+        raise ProtocolError(f"unknown op {op!r}; known ops: {', '.join(sorted(SCHEMAS))}")
+    for name, kind in SCHEMAS[op].items():
+        if name not in message:
+            raise ProtocolError(f"op {op!r} needs field {name!r}")
+        value = message[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ProtocolError(f"field {name!r} of op {op!r} must be {expected}, got {value!r}")
+        if name in ("rank", "step", "nbytes", "slot") and value < 0:
+            raise ProtocolError(f"field {name!r} of op {op!r} must be >= 0, got {value}")
+    fields = {k: v for k, v in message.items() if k not in ("op", "id")}
+    return Request(op, request_id, fields)
+
+
+def ok_reply(request_id: int, **fields: Any) -> dict[str, Any]:
+    """A success reply."""
+    return {"id": request_id, "ok": True, **fields}
+
+
+def error_reply(request_id: int, error: BaseException) -> dict[str, Any]:
+    """An error reply naming the error class and message."""
+    return {"id": request_id, "ok": False,
+            "error": {"kind": type(error).__name__, "message": str(error)}}

@@ -1,0 +1,101 @@
+"""What a rank's training state is made of, how it is captured at `save()` and loaded at restore.
+
+The state is one tree: model, optimizers, LR scheduler, the user's extra state (data position, ...)
+and RNG states. At capture, parameter and optimizer tensors are only referenced: they change solely
+inside `optimizer.step()`, which waits for the background copy. Everything else (module buffers,
+which forward passes update in place, and the small state) is cloned on the spot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from gemini_ckpt.errors import RestoreError
+from gemini_ckpt.snapshot.rng import capture_rng, restore_rng
+from gemini_ckpt.snapshot.tree import FlatState, flatten
+
+
+class Stateful(Protocol):
+    """Anything with `state_dict()` / `load_state_dict()` (a data loader position, a sampler, ...)."""
+
+    def state_dict(self) -> Any:
+        """Return the object's state as plain data and tensors."""
+
+    def load_state_dict(self, state: Any) -> Any:
+        """Restore the object from `state_dict()`'s output."""
+
+
+@dataclass
+class TrainingState:
+    """The objects whose state is checkpointed together."""
+
+    model: torch.nn.Module
+    optimizers: Sequence[torch.optim.Optimizer]
+    lr_scheduler: Stateful | None = None
+    extra_state: Stateful | None = None
+
+    def stable_storages(self) -> set[int]:
+        """Storages that change only inside `optimizer.step()`: parameters and optimizer state."""
+        ptrs = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        for optimizer in self.optimizers:
+            for per_param in optimizer.state.values():
+                values = per_param.values() if isinstance(per_param, dict) else [per_param]
+                ptrs.update(v.untyped_storage().data_ptr() for v in values
+                            if isinstance(v, torch.Tensor))
+        return ptrs
+
+    def capture(self, *, clone_unstable: bool) -> FlatState:
+        """Snapshot the state tree; clone tensors outside `stable_storages()` if asked."""
+        tree = {
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            "extra_state": self.extra_state.state_dict() if self.extra_state else None,
+            "rng": capture_rng(),
+        }
+        flat = flatten(tree)
+        if clone_unstable:
+            stable = self.stable_storages()
+            flat.tensors = [t if t.untyped_storage().data_ptr() in stable else t.clone()
+                            for t in flat.tensors]
+        return flat
+
+    def load(self, tree: Any) -> None:
+        """Load a tree produced by `capture` into the objects, in place.
+
+        Raises:
+            RestoreError: the checkpoint does not match these objects (missing keys, wrong number
+                of optimizers, a scheduler or extra state present on one side only).
+        """
+        if not isinstance(tree, dict) or set(tree) != {
+            "model", "optimizers", "lr_scheduler", "extra_state", "rng"
+        }:
+            raise RestoreError("checkpoint does not hold a Gemini training state")
+        if len(tree["optimizers"]) != len(self.optimizers):
+            raise RestoreError(
+                f"checkpoint has {len(tree['optimizers'])} optimizer states, this run has "
+                f"{len(self.optimizers)} optimizers"
+            )
+        _check_presence("lr_scheduler", tree["lr_scheduler"], self.lr_scheduler)
+        _check_presence("extra_state", tree["extra_state"], self.extra_state)
+        try:
+            self.model.load_state_dict(tree["model"], strict=True)
+            for optimizer, state in zip(self.optimizers, tree["optimizers"]):
+                optimizer.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise RestoreError(f"checkpoint does not fit this model/optimizer: {e}") from e
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(tree["lr_scheduler"])
+        if self.extra_state is not None:
+            self.extra_state.load_state_dict(tree["extra_state"])
+        restore_rng(tree["rng"])
+
+
+def _check_presence(name: str, saved: Any, current: Stateful | None) -> None:
+    if (saved is None) != (current is None):
+        side = "checkpoint" if saved is not None else "training script"
+        raise RestoreError(f"{name} is present in the {side} only; pass the same objects as before")

@@ -1,0 +1,213 @@
+"""The machine's checkpoint memory: two shared-memory slots per local rank, under a memory budget.
+
+Owned by the machine agent, so it outlives trainer processes. Thread-safe: the agent serves each
+trainer connection on its own thread.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from gemini_ckpt.config import format_size
+from gemini_ckpt.errors import MemoryBudgetError, StoreError
+from gemini_ckpt.protocol.manifest import Manifest
+from gemini_ckpt.store import shm
+from gemini_ckpt.store.slots import SLOTS_PER_RANK, RankSlots, SlotStatus, WriteGrant
+
+_CAPACITY_GRANULE = 1 << 20
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    """Bytes reserved for checkpoint slots on this machine, against its budget."""
+
+    budget: int
+    reserved: int
+    per_rank: dict[int, int]
+
+    def describe(self) -> str:
+        """One line for logs and status output."""
+        return f"{format_size(self.reserved)} of {format_size(self.budget)} checkpoint memory in use"
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """Where a committed checkpoint lies: the data file, its mapped size, and its manifest."""
+
+    rank: int
+    slot: int
+    path: Path
+    capacity: int
+    manifest: Manifest
+
+
+class LocalStore:
+    """Checkpoint slots for the ranks of one machine, in files under `directory`."""
+
+    def __init__(self, directory: Path, budget: int) -> None:
+        self.directory = directory
+        self.budget = budget
+        self._ranks: dict[int, RankSlots] = {}
+        self._capacity: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Create the directory (private to this user)."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        """Release all checkpoint memory: unlink every file and the directory."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def data_path(self, rank: int, slot: int) -> Path:
+        """The shared-memory file of `rank`'s `slot`."""
+        return self.directory / f"r{rank}.s{slot}.data"
+
+    def _manifest_path(self, rank: int, slot: int) -> Path:
+        return self.directory / f"r{rank}.s{slot}.manifest.json"
+
+    def _slots(self, rank: int) -> RankSlots:
+        if rank not in self._ranks:
+            self._ranks[rank] = RankSlots(rank)
+            self._capacity[rank] = 0
+        return self._ranks[rank]
+
+    def allocate(self, rank: int, nbytes: int) -> int:
+        """Make both of `rank`'s slots hold at least `nbytes`; return the slot capacity.
+
+        Raises:
+            MemoryBudgetError: the machine's budget or /dev/shm cannot hold the slots.
+        """
+        with self._lock:
+            self._slots(rank)
+            current = self._capacity[rank]
+            if nbytes <= current:
+                return current
+            capacity = -(-nbytes // _CAPACITY_GRANULE) * _CAPACITY_GRANULE
+            others = sum(c for r, c in self._capacity.items() if r != rank) * SLOTS_PER_RANK
+            needed = capacity * SLOTS_PER_RANK
+            if others + needed > self.budget:
+                raise MemoryBudgetError(
+                    f"rank {rank} needs {SLOTS_PER_RANK} slots of {format_size(capacity)}; this "
+                    f"machine's checkpoint memory budget is {format_size(self.budget)} and "
+                    f"{format_size(others)} is already held by its other ranks "
+                    "(raise --memory-limit or shrink the state)"
+                )
+            for slot in range(SLOTS_PER_RANK):
+                shm.reserve(self.data_path(rank, slot), capacity)
+            self._capacity[rank] = capacity
+            return capacity
+
+    def capacity(self, rank: int) -> int:
+        """Current slot capacity of `rank` (0 before its first allocation)."""
+        with self._lock:
+            return self._capacity.get(rank, 0)
+
+    def prepare_write(self, rank: int, step: int) -> WriteGrant:
+        """Choose the slot for `rank`'s `step` without changing anything (see `RankSlots.grant`)."""
+        with self._lock:
+            if self._capacity.get(rank, 0) == 0:
+                raise StoreError(f"rank {rank} has no slots yet; allocate before saving")
+            return self._slots(rank).grant(step)
+
+    def begin_write(self, rank: int, grant: WriteGrant) -> Path:
+        """Start writing per `grant`; its slot stops holding a visible checkpoint. Returns its file.
+
+        Raises:
+            StoreError: the slots changed since the grant was made.
+        """
+        with self._lock:
+            slots = self._slots(rank)
+            if slots.grant(grant.step) != grant:
+                raise StoreError(f"rank {rank}'s slots changed while step {grant.step} waited")
+            # Ordering: the old manifest goes before any new byte lands, so a torn slot never has one.
+            shm.unlink(self._manifest_path(rank, grant.slot))
+            slots.begin(grant)
+            return self.data_path(rank, grant.slot)
+
+    def commit(self, rank: int, slot: int, manifest: Manifest) -> None:
+        """Commit a fully written slot by writing its manifest (atomically, by rename).
+
+        Raises:
+            StoreError: the slot is not being written for this step.
+            CorruptCheckpointError: the manifest is inconsistent or larger than the slot.
+        """
+        with self._lock:
+            manifest.validate(capacity=self._capacity.get(rank, 0))
+            if manifest.rank != rank:
+                raise StoreError(f"manifest of rank {manifest.rank} sent for rank {rank}")
+            slots = self._slots(rank)
+            writing = slots.writing()
+            if writing is None or slots.slots.index(writing) != slot:
+                raise StoreError(f"rank {rank} slot {slot} is not being written; nothing to commit")
+            # Ordering: the trainer sends the manifest only after every chunk is copied and hashed;
+            # rename makes it appear whole or not at all.
+            final = self._manifest_path(rank, slot)
+            tmp = final.with_suffix(".tmp")
+            tmp.write_text(manifest.to_json(), encoding="utf-8")
+            os.replace(tmp, final)
+            slots.commit(slot, manifest)
+
+    def abort_writes(self, rank: int) -> int | None:
+        """Forget `rank`'s unfinished write (torn by a crash); return the step it was for."""
+        with self._lock:
+            return self._slots(rank).abort_writing() if rank in self._ranks else None
+
+    def writing_step(self, rank: int) -> int | None:
+        """The step `rank` is writing now, or None."""
+        with self._lock:
+            slot = self._ranks[rank].writing() if rank in self._ranks else None
+            return slot.step if slot is not None else None
+
+    def inventory(self) -> dict[int, list[int]]:
+        """Committed steps per rank, oldest first."""
+        with self._lock:
+            return {rank: slots.committed_steps() for rank, slots in sorted(self._ranks.items())}
+
+    def latest(self, rank: int) -> int | None:
+        """Newest committed step of `rank`, or None."""
+        with self._lock:
+            return self._ranks[rank].latest() if rank in self._ranks else None
+
+    def locate(self, rank: int, step: int) -> SlotRef | None:
+        """Where `rank`'s committed `step` lies, or None if it is not held."""
+        with self._lock:
+            slots = self._ranks.get(rank)
+            index = slots.slot_of(step) if slots else None
+            if slots is None or index is None:
+                return None
+            manifest = slots.slots[index].manifest
+            if manifest is None or slots.slots[index].status is not SlotStatus.COMMITTED:
+                return None
+            return SlotRef(rank, index, self.data_path(rank, index), self._capacity[rank], manifest)
+
+    def drop(self, rank: int, step: int) -> bool:
+        """Forget `rank`'s committed `step` (reported corrupt); True if it was held."""
+        with self._lock:
+            slots = self._ranks.get(rank)
+            index = slots.slot_of(step) if slots else None
+            if slots is None or index is None:
+                return False
+            shm.unlink(self._manifest_path(rank, index))
+            return slots.drop(step)
+
+    def truncate_after(self, step: int) -> dict[int, list[int]]:
+        """Forget every committed step newer than `step`, on all ranks; return what was dropped."""
+        dropped = {}
+        for rank, steps in self.inventory().items():
+            newer = [s for s in steps if s > step]
+            for s in newer:
+                self.drop(rank, s)
+            if newer:
+                dropped[rank] = newer
+        return dropped
+
+    def usage(self) -> MemoryUsage:
+        """Reserved bytes, in total and per rank."""
+        with self._lock:
+            per_rank = {r: c * SLOTS_PER_RANK for r, c in sorted(self._capacity.items())}
+            return MemoryUsage(self.budget, sum(per_rank.values()), per_rank)
