@@ -62,16 +62,16 @@ def read_events(paths: list[Path]) -> list[dict[str, Any]]:
     """All events from `paths`, merged in time order; unreadable lines are skipped."""
     events: list[dict[str, Any]] = []
     for path in paths:
-        events.extend(_read(path))
+        try:
+            events.extend(parse_events(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            continue
     events.sort(key=lambda e: float(e.get("t", 0.0)))
     return events
 
 
-def _read(path: Path) -> Iterator[dict[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return
+def parse_events(text: str) -> Iterator[dict[str, Any]]:
+    """The events in `text`, one JSON object per line."""
     for line in text.splitlines():
         try:
             record = json.loads(line)

@@ -1,0 +1,188 @@
+"""The one-host test bed: N simulated machines, each an agent process with its own trainers.
+
+Each machine has its own agent, shared-memory directory, control socket and ports, exactly as on a
+real cluster; the test bed hosts the job store they coordinate through. Agents are started by
+command line (`gemini-ckpt launch --join-store ...`), never imported, so what runs here is what runs
+on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gemini_ckpt import config as cfg
+from gemini_ckpt.coordination.kv import TCPStoreKV
+from gemini_ckpt.errors import ConfigError
+from gemini_ckpt.faults import parse_fault, resolve_faults
+from gemini_ckpt.observability.events import parse_events, read_events
+from gemini_ckpt.observability.summary import RunSummary, summarize
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """What to run on the test bed."""
+
+    machines: int
+    nproc_per_machine: int
+    script: Path
+    script_args: tuple[str, ...] = ()
+    faults: tuple[str, ...] = ()
+    fault_seed: int = 0
+    memory_limit: str = ""
+    snapshot_mode: str = "overlapped"
+    max_restarts: int = 3
+    stop_grace_s: float = 10.0
+    tee: bool = False
+    run_dir: Path | None = None
+    job_id: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.machines < 1 or self.nproc_per_machine < 1:
+            raise ConfigError(
+                f"--machines and --nproc-per-machine must be >= 1, got {self.machines} and "
+                f"{self.nproc_per_machine}"
+            )
+        if not self.script.is_file():
+            raise ConfigError(f"training script {self.script} does not exist")
+        # Surface a bad --fault before anything starts.
+        resolve_faults([parse_fault(f) for f in self.faults], self.machines,
+                       self.nproc_per_machine, self.fault_seed)
+
+
+class EventTail:
+    """Reads the events the agents append, a few new lines at a time."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._offsets = dict.fromkeys(paths, 0)
+
+    def new_events(self) -> list[dict[str, Any]]:
+        """Complete lines written since the last call, merged in time order."""
+        fresh: list[dict[str, Any]] = []
+        for path, offset in self._offsets.items():
+            try:
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+            except FileNotFoundError:
+                continue
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            self._offsets[path] = offset + len(complete)
+            fresh.extend(parse_events(complete.decode("utf-8", errors="replace")))
+        fresh.sort(key=lambda e: float(e.get("t", 0.0)))
+        return fresh
+
+
+class LocalTestbed:
+    """`start()`, then `poll()` until it returns an exit code, then `close()`; a context manager."""
+
+    def __init__(self, spec: LocalSpec) -> None:
+        self.spec = spec
+        self.job_id = spec.job_id or f"local-{int(time.time())}-{os.getpid()}"
+        self.run_dir = spec.run_dir or Path(tempfile.mkdtemp(prefix="gemini-local-"))
+        self._own_run_dir = spec.run_dir is None
+        self._store: TCPStoreKV | None = None
+        self._agents: list[subprocess.Popen[bytes]] = []
+        self.tail = EventTail([self.event_file(m) for m in range(spec.machines)])
+
+    def event_file(self, machine: int) -> Path:
+        """Where machine `machine`'s agent writes its events."""
+        return self.run_dir / f"m{machine}" / "events.jsonl"
+
+    def agent_command(self, machine: int, port: int) -> list[str]:
+        """The command line that starts machine `machine`'s agent."""
+        spec = self.spec
+        command = [
+            sys.executable, "-m", "gemini_ckpt", "launch", "--join-store",
+            "--nnodes", str(spec.machines), "--node-rank", str(machine),
+            "--nproc-per-node", str(spec.nproc_per_machine),
+            "--master-addr", "127.0.0.1", "--master-port", str(port),
+            "--run-id", self.job_id, "--run-dir", str(self.run_dir),
+            "--snapshot-mode", spec.snapshot_mode, "--max-restarts", str(spec.max_restarts),
+            "--stop-grace", str(spec.stop_grace_s), "--fault-seed", str(spec.fault_seed),
+        ]
+        if spec.memory_limit:
+            command += ["--memory-limit", spec.memory_limit]
+        if spec.tee:
+            command.append("--tee")
+        for fault in spec.faults:
+            command += ["--fault", fault]
+        return [*command, str(spec.script), *spec.script_args]
+
+    def start(self) -> None:
+        """Host the job store and start one agent process per machine."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._store = TCPStoreKV.host("127.0.0.1", 0)
+        env = {**os.environ, **self.spec.env}
+        for machine in range(self.spec.machines):
+            machine_dir = self.run_dir / f"m{machine}"
+            machine_dir.mkdir(parents=True, exist_ok=True)
+            with (machine_dir / "agent.log").open("wb") as log:
+                self._agents.append(subprocess.Popen(
+                    self.agent_command(machine, self._store.port), env=env,
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                ))
+
+    def poll(self) -> int | None:
+        """None while agents run; their worst exit code once all have ended."""
+        codes = [agent.poll() for agent in self._agents]
+        if any(code is None for code in codes):
+            return None
+        return max(abs(c) for c in codes if c is not None)
+
+    def wait(self, timeout_s: float) -> int:
+        """Block until the agents end (or stop them after `timeout_s`); return the exit code."""
+        deadline = time.monotonic() + timeout_s
+        while (code := self.poll()) is None:
+            if time.monotonic() > deadline:
+                self.close()
+                return 124
+            time.sleep(0.1)
+        return code
+
+    def summary(self) -> RunSummary:
+        """The run's recovery summary, from all machines' events."""
+        return summarize(read_events([self.event_file(m) for m in range(self.spec.machines)]))
+
+    def agent_log(self, machine: int) -> str:
+        """What machine `machine`'s agent printed."""
+        try:
+            return (self.run_dir / f"m{machine}" / "agent.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def close(self, grace_s: float = 15.0) -> None:
+        """Stop agents still running (SIGTERM, then SIGKILL) and free the job's shared memory."""
+        for agent in self._agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for agent in self._agents:
+            try:
+                agent.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
+        shutil.rmtree(cfg.shm_root() / f"gemini-{self.job_id}", ignore_errors=True)
+        self._store = None
+
+    def remove_run_dir(self) -> None:
+        """Delete the run directory if the test bed created it."""
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalTestbed:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
