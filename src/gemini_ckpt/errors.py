@@ -58,3 +58,11 @@ class CoordinationError(GeminiError):
 
 class RecoveryError(GeminiError):
     """No consistent state to resume from could be found, or the restart limit was reached."""
+
+
+class PlacementError(GeminiError):
+    """A checkpoint placement cannot be built or is inconsistent (for example m > N)."""
+
+
+class SimulationError(GeminiError):
+    """A simulation scenario, measured-input file or simulator setting is invalid."""
