@@ -11,8 +11,8 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from gemini_ckpt.errors import ConfigError
 
@@ -160,7 +160,9 @@ class AgentConfig:
         if self.max_restarts < 0:
             raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.snapshot_mode not in SNAPSHOT_MODES:
-            raise ConfigError(f"snapshot mode {self.snapshot_mode!r} is not one of {SNAPSHOT_MODES}")
+            raise ConfigError(
+                f"snapshot mode {self.snapshot_mode!r} is not one of {SNAPSHOT_MODES}"
+            )
         if self.memory_limit <= 0:
             raise ConfigError(f"--memory-limit must be positive, got {self.memory_limit}")
         if len(str(self.socket_path)) > 100:
@@ -203,3 +205,8 @@ def default_memory_limit() -> int:
 def shm_root() -> Path:
     """Where machine agents put their checkpoint memory."""
     return Path(os.environ.get("GEMINI_SHM_DIR", "/dev/shm"))
+
+
+def child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment plus `extra`, for processes it starts."""
+    return {**os.environ, **extra}

@@ -1,4 +1,4 @@
-"""The exception hierarchy: one base, one subclass per layer, messages that name the violated constraint."""
+"""The exception hierarchy: one base, a subclass per layer, messages naming what was violated."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class RestoreError(GeminiError):
 
 
 class CorruptCheckpointError(RestoreError):
-    """A checkpoint failed verification: a chunk's checksum or the manifest does not match the data."""
+    """A checkpoint failed verification: a chunk's checksum or the manifest does not match."""
 
 
 class StoreError(GeminiError):

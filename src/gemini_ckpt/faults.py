@@ -17,7 +17,7 @@ class FaultPoint(str, Enum):
     """Where in a rank's step a kill-worker fault fires."""
 
     AFTER_COMMIT = "after-commit"
-    """Right after the rank's checkpoint of `step` is committed: the next iteration is in progress."""
+    """Right after the rank's checkpoint of `step` is committed, during the next iteration."""
     MID_SAVE = "mid-save"
     """While `step` is being written, after some chunks and before the manifest."""
 
@@ -77,10 +77,13 @@ def parse_fault(text: str) -> FaultSpec:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or not key or not value.strip():
-            raise FaultSpecError(f"malformed parameter {item!r} in fault {text!r}; expected key=value")
+            raise FaultSpecError(
+                f"malformed parameter {item!r} in fault {text!r}; expected key=value"
+            )
         if key not in _KINDS[kind]:
             raise FaultSpecError(
-                f"unknown parameter {key!r} in fault {text!r}; {kind} takes {', '.join(_KINDS[kind])}"
+                f"unknown parameter {key!r} in fault {text!r}; "
+                f"{kind} takes {', '.join(_KINDS[kind])}"
             )
         if key in fields:
             raise FaultSpecError(f"parameter {key!r} is given twice in fault {text!r}")
@@ -111,7 +114,7 @@ def _build_kill_worker(text: str, fields: dict[str, str]) -> FaultSpec:
 def resolve_faults(
     specs: list[FaultSpec], machines: int, nproc_per_machine: int, seed: int = 0
 ) -> list[ResolvedFault]:
-    """Bind each fault to a global rank of a job with `machines` × `nproc_per_machine` ranks.
+    """Bind each fault to a global rank of a job with `machines` x `nproc_per_machine` ranks.
 
     `machine=M` means that machine's first rank; `rank=random` draws from a generator seeded with
     `seed`, so a run can be replayed.

@@ -1,0 +1,1 @@
+"""The machine agent: owns checkpoint memory, serves its trainers, runs and restarts them."""

@@ -45,10 +45,16 @@ class MachineAgent:
         self._events = event_log
         self._coordinator = JobCoordinator(kv, config.job_id, config.machines)
         self._store = LocalStore(config.shm_dir, config.memory_limit)
-        self._service = TrainerService(config, self._store, self._coordinator,
-                                       FaultInjector(config.faults, event_log), event_log)
-        self._server = ControlServer(config.socket_path, self._service.handle, Connection,
-                                     self._service.disconnected)
+        self._service = TrainerService(
+            config,
+            self._store,
+            self._coordinator,
+            FaultInjector(config.faults, event_log),
+            event_log,
+        )
+        self._server = ControlServer(
+            config.socket_path, self._service.handle, Connection, self._service.disconnected
+        )
         self._workers = WorkerGroup(config, config.machine_dir / "logs")
         self._rdzv_store: TCPStoreKV | None = None
 
@@ -62,8 +68,11 @@ class MachineAgent:
         self._events.start()
         self._store.start()
         self._server.start()
-        self._events.emit(events.AGENT_STARTED, ranks=list(self.config.ranks),
-                          memory_limit=self.config.memory_limit)
+        self._events.emit(
+            events.AGENT_STARTED,
+            ranks=list(self.config.ranks),
+            memory_limit=self.config.memory_limit,
+        )
         self._coordinator.join(self.config.machine, self.config.join_timeout_s)
 
     def run(self) -> int:
@@ -104,28 +113,39 @@ class MachineAgent:
     def _begin_generation(self, generation: int) -> RestorePlan:
         timeout = self.config.join_timeout_s
         abort = lambda: self._aborted(generation)  # noqa: E731
-        self._coordinator.publish_inventory(generation, self.config.machine, self._store.inventory())
+        self._coordinator.publish_inventory(
+            generation, self.config.machine, self._store.inventory()
+        )
         if self.is_leader:
             inventories = self._coordinator.inventories(generation, timeout, abort)
             plan = plan_restore(generation, self.config.world_size, inventories)
             self._rdzv_store = TCPStoreKV.host(self.config.store_addr, 0)
             self._coordinator.publish_plan(
-                generation, plan.to_dict(),
+                generation,
+                plan.to_dict(),
                 {"addr": self.config.store_addr, "port": self._rdzv_store.port},
             )
         raw_plan, worker_store = self._coordinator.plan(generation, timeout, abort)
         plan = RestorePlan.from_dict(raw_plan)
         dropped = self._store.truncate_after(plan.step if plan.step is not None else -1)
         self._service.open_generation(generation, plan)
-        self._events.emit(events.PLAN, generation=generation, step=plan.step,
-                          sources={str(r): s for r, s in plan.sources.items()
-                                   if r in self.config.ranks},
-                          reason=plan.reason, dropped={str(r): s for r, s in dropped.items()})
+        self._events.emit(
+            events.PLAN,
+            generation=generation,
+            step=plan.step,
+            sources={str(r): s for r, s in plan.sources.items() if r in self.config.ranks},
+            reason=plan.reason,
+            dropped={str(r): s for r, s in dropped.items()},
+        )
         log.info("generation %d: %s", generation, plan.reason)
-        self._workers.start(Rendezvous(generation, str(worker_store["addr"]),
-                                       int(worker_store["port"])))
-        self._events.emit(events.GENERATION_STARTED, generation=generation,
-                          pids={str(self.config.ranks[i]): p for i, p in self._workers.pids().items()})
+        self._workers.start(
+            Rendezvous(generation, str(worker_store["addr"]), int(worker_store["port"]))
+        )
+        self._events.emit(
+            events.GENERATION_STARTED,
+            generation=generation,
+            pids={str(self.config.ranks[i]): p for i, p in self._workers.pids().items()},
+        )
         return plan
 
     def _supervise(self, generation: int) -> Outcome:
@@ -148,19 +168,25 @@ class MachineAgent:
             time.sleep(_POLL_S)
 
     def _end_generation(self, generation: int, outcome: Outcome) -> int | None:
-        """Stop this generation's workers; return the next generation, or None if the job is over."""
+        """Stop this generation's workers; return the next generation, or None if the job ends."""
         if outcome.failures:
             detected = time.time()
             reasons = [f.describe() for f in outcome.failures]
             for failure in outcome.failures:
-                self._events.emit(events.WORKER_FAILED, generation=generation, rank=failure.rank,
-                                  pid=failure.pid, exitcode=failure.exitcode,
-                                  description=failure.describe(),
-                                  last_committed=self._store.latest(failure.rank),
-                                  stderr_tail=self._workers.stderr_tail(failure.local_rank))
+                self._events.emit(
+                    events.WORKER_FAILED,
+                    generation=generation,
+                    rank=failure.rank,
+                    pid=failure.pid,
+                    exitcode=failure.exitcode,
+                    description=failure.describe(),
+                    last_committed=self._store.latest(failure.rank),
+                    stderr_tail=self._workers.stderr_tail(failure.local_rank),
+                )
             log.warning("generation %d failed: %s", generation, "; ".join(reasons))
             new = self._coordinator.request_restart(
-                self.config.machine, generation, {"failures": reasons, "detected": detected})
+                self.config.machine, generation, {"failures": reasons, "detected": detected}
+            )
         else:
             new = self._coordinator.generation()
         self._service.close_generation(f"generation {generation} is over")
@@ -169,13 +195,19 @@ class MachineAgent:
             self._events.emit(events.JOB_FINISHED, status="failed", reason=outcome.job_failed)
             return None
         if new > self.config.max_restarts:
-            reason = (f"restart limit reached: generation {new} would be restart number {new}, "
-                      f"--max-restarts is {self.config.max_restarts}")
+            reason = (
+                f"restart limit reached: generation {new} would be restart number {new}, "
+                f"--max-restarts is {self.config.max_restarts}"
+            )
             self._coordinator.fail_job(reason)
             self._events.emit(events.JOB_FINISHED, status="failed", reason=reason)
             return None
-        self._events.emit(events.RESTART, generation=new, previous=generation,
-                          reasons=self._coordinator.restart_reasons(new))
+        self._events.emit(
+            events.RESTART,
+            generation=new,
+            previous=generation,
+            reasons=self._coordinator.restart_reasons(new),
+        )
         return new
 
     def _stop_workers(self) -> None:
@@ -190,5 +222,6 @@ class MachineAgent:
         for rank in self.config.ranks:
             step = self._store.abort_writes(rank)
             if step is not None:
-                log.warning("rank %d was stopped while writing step %d; that slot is discarded",
-                            rank, step)
+                log.warning(
+                    "rank %d was stopped while writing step %d; that slot is discarded", rank, step
+                )

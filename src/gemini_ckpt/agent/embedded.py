@@ -35,18 +35,32 @@ class EmbeddedAgent:
         root = run_dir or Path(self._tmp.name)  # type: ignore[union-attr]
         job = f"embedded-{root.name}"
         self.config = AgentConfig(
-            job_id=job, machine=0, machines=1, nproc_per_machine=world_size,
-            command=("embedded",), store_addr="", store_port=0, host_store=False,
-            run_dir=root, shm_dir=shm_root() / f"gemini-{job}", memory_limit=memory_limit,
+            job_id=job,
+            machine=0,
+            machines=1,
+            nproc_per_machine=world_size,
+            command=("embedded",),
+            store_addr="",
+            store_port=0,
+            host_store=False,
+            run_dir=root,
+            shm_dir=shm_root() / f"gemini-{job}",
+            memory_limit=memory_limit,
             faults=faults,
         )
         self.events = EventLog(root / "events.jsonl", machine=0)
         self.store = LocalStore(self.config.shm_dir, memory_limit)
         self.coordinator = JobCoordinator(MemoryKV(), job, machines=1)
-        self.service = TrainerService(self.config, self.store, self.coordinator,
-                                      FaultInjector(faults, self.events), self.events)
-        self.server = ControlServer(self.config.socket_path, self.service.handle, Connection,
-                                    self.service.disconnected)
+        self.service = TrainerService(
+            self.config,
+            self.store,
+            self.coordinator,
+            FaultInjector(faults, self.events),
+            self.events,
+        )
+        self.server = ControlServer(
+            self.config.socket_path, self.service.handle, Connection, self.service.disconnected
+        )
         self.generation = 0
 
     def start(self) -> EmbeddedAgent:
@@ -74,8 +88,11 @@ class EmbeddedAgent:
     def trainer_config(self, rank: int = 0, **overrides: object) -> TrainerConfig:
         """The configuration a trainer of `rank` would get from this agent."""
         fields: dict[str, object] = {
-            "agent_socket": self.config.socket_path, "rank": rank, "local_rank": rank,
-            "world_size": self.config.world_size, "generation": self.generation,
+            "agent_socket": self.config.socket_path,
+            "rank": rank,
+            "local_rank": rank,
+            "world_size": self.config.world_size,
+            "generation": self.generation,
         }
         fields.update(overrides)
         return TrainerConfig(**fields)  # type: ignore[arg-type]

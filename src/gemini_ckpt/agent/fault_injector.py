@@ -26,8 +26,11 @@ class FaultInjector:
     def failpoints(self, rank: int) -> list[dict[str, object]]:
         """Fault points the trainer of `rank` must report when it reaches them."""
         with self._lock:
-            return [{"name": f.point.value, "step": f.step} for f in self._pending
-                    if f.rank == rank and f.point is not FaultPoint.AFTER_COMMIT]
+            return [
+                {"name": f.point.value, "step": f.step}
+                for f in self._pending
+                if f.rank == rank and f.point is not FaultPoint.AFTER_COMMIT
+            ]
 
     def _take(self, rank: int, step: int, point: FaultPoint) -> ResolvedFault | None:
         with self._lock:
@@ -53,8 +56,14 @@ class FaultInjector:
         if fault is None or pid is None:
             return False
         log.warning("fault %s: sending SIGKILL to rank %d (pid %d)", fault.name, fault.rank, pid)
-        self._events.emit(events.FAULT_INJECTED, fault=fault.name, rank=fault.rank,
-                          step=fault.step, point=fault.point.value, pid=pid)
+        self._events.emit(
+            events.FAULT_INJECTED,
+            fault=fault.name,
+            rank=fault.rank,
+            step=fault.step,
+            point=fault.point.value,
+            pid=pid,
+        )
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -8,6 +8,7 @@ serving every other trainer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -65,32 +66,27 @@ class ControlServer:
         os.chmod(self._path, 0o600)
         sock.listen(64)
         self._sock = sock
-        self._accept_thread = threading.Thread(target=self._accept_loop, args=(sock,),
-                                               name="gemini-agent-accept", daemon=True)
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, args=(sock,), name="gemini-agent-accept", daemon=True
+        )
         self._accept_thread.start()
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop accepting, close every connection and join the threads."""
         self._closed.set()
         if self._sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self._sock.close()
         with self._lock:
             for conn in self._conns:
-                try:
+                with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
         for thread in [self._accept_thread, *self._threads]:
             if thread is not None:
                 thread.join(timeout_s)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
-        except FileNotFoundError:
-            pass
 
     def _accept_loop(self, sock: socket.socket) -> None:
         while not self._closed.is_set():
@@ -102,8 +98,9 @@ class ControlServer:
                 log.warning("refused a control connection from another user")
                 conn.close()
                 continue
-            thread = threading.Thread(target=self._serve, args=(conn,),
-                                      name="gemini-agent-conn", daemon=True)
+            thread = threading.Thread(
+                target=self._serve, args=(conn,), name="gemini-agent-conn", daemon=True
+            )
             with self._lock:
                 self._conns.add(conn)
                 self._threads = [t for t in self._threads if t.is_alive()] + [thread]
@@ -140,7 +137,7 @@ class ControlServer:
             reply = error_reply(request_id, e)
         except OSError:
             return False
-        except Exception as e:  # noqa: BLE001 - the agent must outlive any one bad request
+        except Exception as e:
             log.exception("internal error while answering a trainer")
             reply = error_reply(request_id, InternalError(f"{type(e).__name__}: {e}"))
         return self._try_send(conn, reply)

@@ -62,10 +62,16 @@ class TrainerService:
         self._plan: RestorePlan | None = None
         self._stopping: str | None = None
         self._handlers: dict[str, Callable[[Request, Connection], dict[str, Any]]] = {
-            "hello": self._hello, "allocate": self._allocate, "begin": self._begin,
-            "commit": self._commit, "abort": self._abort, "restore": self._restore,
-            "restored": self._restored, "report_corrupt": self._report_corrupt,
-            "failpoint": self._failpoint, "stats": self._stats,
+            "hello": self._hello,
+            "allocate": self._allocate,
+            "begin": self._begin,
+            "commit": self._commit,
+            "abort": self._abort,
+            "restore": self._restore,
+            "restored": self._restored,
+            "report_corrupt": self._report_corrupt,
+            "failpoint": self._failpoint,
+            "stats": self._stats,
         }
 
     # -- called by the agent's run loop ----------------------------------------------------------
@@ -110,8 +116,9 @@ class TrainerService:
             return
         step = self._store.abort_writes(conn.rank)
         if step is not None:
-            log.warning("rank %d disconnected while writing step %d; the slot is discarded",
-                        conn.rank, step)
+            log.warning(
+                "rank %d disconnected while writing step %d; the slot is discarded", conn.rank, step
+            )
 
     def _hello(self, request: Request, conn: Connection) -> dict[str, Any]:
         with self._lock:
@@ -122,27 +129,35 @@ class TrainerService:
                 )
             self._pids[request["rank"]] = request["pid"]
         conn.rank = request["rank"]
-        return {"job": self._config.job_id, "machine": self._config.machine,
-                "failpoints": self._injector.failpoints(request["rank"])}
+        return {
+            "job": self._config.job_id,
+            "machine": self._config.machine,
+            "failpoints": self._injector.failpoints(request["rank"]),
+        }
 
-    def _allocate(self, request: Request, conn: Connection) -> dict[str, Any]:
+    def _allocate(self, request: Request, _conn: Connection) -> dict[str, Any]:
         capacity = self._store.allocate(request["rank"], request["nbytes"])
-        log.info("rank %d: slots of %d bytes; %s", request["rank"], capacity,
-                 self._store.usage().describe())
+        log.info(
+            "rank %d: slots of %d bytes; %s",
+            request["rank"],
+            capacity,
+            self._store.usage().describe(),
+        )
         return {"capacity": capacity}
 
-    def _begin(self, request: Request, conn: Connection) -> dict[str, Any]:
+    def _begin(self, request: Request, _conn: Connection) -> dict[str, Any]:
         rank, step = request["rank"], request["step"]
         grant = self._store.prepare_write(rank, step)
         if grant.overwrites is not None and grant.keep is not None:
             # The slot to reuse holds an older step; the other slot's step must be held by every
             # rank of the job first, or a failure now could leave no step common to all ranks.
-            self._coordinator.wait_complete(self._generation, grant.keep,
-                                            self._config.commit_wait_timeout_s, self._abort_reason)
+            self._coordinator.wait_complete(
+                self._generation, grant.keep, self._config.commit_wait_timeout_s, self._abort_reason
+            )
         path = self._store.begin_write(rank, grant)
         return {"slot": grant.slot, "path": str(path), "job": self._config.job_id}
 
-    def _commit(self, request: Request, conn: Connection) -> dict[str, Any]:
+    def _commit(self, request: Request, _conn: Connection) -> dict[str, Any]:
         rank = request["rank"]
         manifest = Manifest.from_dict(request["manifest"])
         self._store.commit(rank, request["slot"], manifest)
@@ -155,8 +170,9 @@ class TrainerService:
             self._progress.timings.setdefault(step, {})[rank] = timing
             latest = [self._store.latest(r) for r in self._config.ranks]
             floor = min(s if s is not None else -1 for s in latest)
-            if floor < step or (self._progress.reported is not None
-                                and floor <= self._progress.reported):
+            if floor < step or (
+                self._progress.reported is not None and floor <= self._progress.reported
+            ):
                 return
             self._progress.reported = floor
             timings = self._progress.timings.pop(floor, {})
@@ -165,15 +181,20 @@ class TrainerService:
             generation = self._generation
         self._coordinator.report_committed(generation, floor)
         first = min(timings) if timings else None
-        self._events.emit(events.PROGRESS, generation=generation, step=floor, rank=first,
-                          **(timings.get(first, {}) if first is not None else {}))
+        self._events.emit(
+            events.PROGRESS,
+            generation=generation,
+            step=floor,
+            rank=first,
+            **(timings.get(first, {}) if first is not None else {}),
+        )
 
-    def _abort(self, request: Request, conn: Connection) -> dict[str, Any]:
+    def _abort(self, request: Request, _conn: Connection) -> dict[str, Any]:
         step = self._store.abort_writes(request["rank"])
         log.warning("rank %d abandoned step %s: %s", request["rank"], step, request["reason"])
         return {}
 
-    def _restore(self, request: Request, conn: Connection) -> dict[str, Any]:
+    def _restore(self, request: Request, _conn: Connection) -> dict[str, Any]:
         rank = request["rank"]
         with self._lock:
             plan = self._plan
@@ -184,37 +205,59 @@ class TrainerService:
             return {"step": None, "source": source}
         ref = self._store.locate(rank, plan.step)
         if ref is None:
-            raise RecoveryError(f"the plan restores step {plan.step} but rank {rank} does not hold it")
-        return {"step": plan.step, "source": source, "path": str(ref.path),
-                "manifest": request_manifest(ref.manifest)}
+            raise RecoveryError(
+                f"the plan restores step {plan.step} but rank {rank} does not hold it"
+            )
+        return {
+            "step": plan.step,
+            "source": source,
+            "path": str(ref.path),
+            "manifest": request_manifest(ref.manifest),
+        }
 
-    def _restored(self, request: Request, conn: Connection) -> dict[str, Any]:
+    def _restored(self, request: Request, _conn: Connection) -> dict[str, Any]:
         with self._lock:
             plan = self._plan
         source = plan.sources.get(request["rank"], "?") if plan else "?"
-        self._events.emit(events.RESTORED, generation=self._generation, rank=request["rank"],
-                          step=request["step"], source=source, seconds=request["seconds"])
+        self._events.emit(
+            events.RESTORED,
+            generation=self._generation,
+            rank=request["rank"],
+            step=request["step"],
+            source=source,
+            seconds=request["seconds"],
+        )
         return {}
 
-    def _report_corrupt(self, request: Request, conn: Connection) -> dict[str, Any]:
+    def _report_corrupt(self, request: Request, _conn: Connection) -> dict[str, Any]:
         rank, step = request["rank"], request["step"]
         dropped = self._store.drop(rank, step)
-        log.error("rank %d step %d failed verification and is dropped: %s", rank, step,
-                  request["detail"])
-        self._events.emit(events.CORRUPT, generation=self._generation, rank=rank, step=step,
-                          detail=request["detail"], dropped=dropped)
+        log.error(
+            "rank %d step %d failed verification and is dropped: %s", rank, step, request["detail"]
+        )
+        self._events.emit(
+            events.CORRUPT,
+            generation=self._generation,
+            rank=rank,
+            step=step,
+            detail=request["detail"],
+            dropped=dropped,
+        )
         return {}
 
-    def _failpoint(self, request: Request, conn: Connection) -> dict[str, Any]:
+    def _failpoint(self, request: Request, _conn: Connection) -> dict[str, Any]:
         rank = request["rank"]
         self._injector.at_failpoint(rank, request["name"], request["step"], self.pid(rank))
         return {}
 
-    def _stats(self, request: Request, conn: Connection) -> dict[str, Any]:
+    def _stats(self, _request: Request, _conn: Connection) -> dict[str, Any]:
         usage = self._store.usage()
-        return {"generation": self._generation, "budget": usage.budget,
-                "reserved": usage.reserved,
-                "inventory": {str(r): s for r, s in self._store.inventory().items()}}
+        return {
+            "generation": self._generation,
+            "budget": usage.budget,
+            "reserved": usage.reserved,
+            "inventory": {str(r): s for r, s in self._store.inventory().items()},
+        }
 
 
 def request_manifest(manifest: Manifest) -> dict[str, Any]:

@@ -103,7 +103,8 @@ class WorkerGroup:
         if self._logs is None:
             # One log tree per job: <log_dir>/<job>_*/attempt_<generation>/<local_rank>/std*.log
             self._logs = DefaultLogsSpecs(
-                log_dir=str(self._log_dir), redirects=Std.ALL,
+                log_dir=str(self._log_dir),
+                redirects=Std.ALL,
                 tee=Std.ALL if self._config.tee else Std.NONE,
             )
         self._context = start_processes(
@@ -127,7 +128,8 @@ class WorkerGroup:
         codes = {local: h.proc.poll() for local, h in handlers.items()}
         failures = [
             WorkerExit(self._config.ranks[local], local, handlers[local].proc.pid, code)
-            for local, code in sorted(codes.items()) if code not in (None, 0)
+            for local, code in sorted(codes.items())
+            if code not in (None, 0)
         ]
         if failures:
             return GroupState.FAILED, failures

@@ -29,45 +29,91 @@ def _env(name: str, fallback: str) -> str:
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `launch` and `local` (each with a GEMINI_* environment twin)."""
-    parser.add_argument("--memory-limit", default=_env("MEMORY_LIMIT", ""),
-                        help="checkpoint memory per machine, e.g. 8GiB (default: half of /dev/shm)")
-    parser.add_argument("--snapshot-mode", default=_env("SNAPSHOT_MODE", "overlapped"),
-                        choices=cfg.SNAPSHOT_MODES,
-                        help="overlapped: copy in the background until the next optimizer step; "
-                             "sync: copy inside save()")
-    parser.add_argument("--max-restarts", type=int, default=int(_env("MAX_RESTARTS", "3")),
-                        help="how many times the worker group may be restarted (default 3)")
-    parser.add_argument("--fault", action="append", default=[],
-                        help="inject a fault, e.g. kill-worker@step=12,rank=3 (repeatable)")
-    parser.add_argument("--fault-seed", type=int, default=int(_env("FAULT_SEED", "0")),
-                        help="seed for faults with random targets (rank=random)")
-    parser.add_argument("--run-dir", default=_env("RUN_DIR", ""),
-                        help="where events, logs and sockets go (default: a new temporary dir)")
-    parser.add_argument("--tee", action="store_true", default=_env("TEE", "") == "1",
-                        help="also show the workers' output on this console")
-    parser.add_argument("--stop-grace", type=float, default=float(_env("STOP_GRACE", "10")),
-                        help="seconds a stopping worker gets to commit a save under way")
+    parser.add_argument(
+        "--memory-limit",
+        default=_env("MEMORY_LIMIT", ""),
+        help="checkpoint memory per machine, e.g. 8GiB (default: half of /dev/shm)",
+    )
+    parser.add_argument(
+        "--snapshot-mode",
+        default=_env("SNAPSHOT_MODE", "overlapped"),
+        choices=cfg.SNAPSHOT_MODES,
+        help="overlapped: copy in the background until the next optimizer step; "
+        "sync: copy inside save()",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=int(_env("MAX_RESTARTS", "3")),
+        help="how many times the worker group may be restarted (default 3)",
+    )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        help="inject a fault, e.g. kill-worker@step=12,rank=3 (repeatable)",
+    )
+    parser.add_argument(
+        "--fault-seed",
+        type=int,
+        default=int(_env("FAULT_SEED", "0")),
+        help="seed for faults with random targets (rank=random)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=_env("RUN_DIR", ""),
+        help="where events, logs and sockets go (default: a new temporary dir)",
+    )
+    parser.add_argument(
+        "--tee",
+        action="store_true",
+        default=_env("TEE", "") == "1",
+        help="also show the workers' output on this console",
+    )
+    parser.add_argument(
+        "--stop-grace",
+        type=float,
+        default=float(_env("STOP_GRACE", "10")),
+        help="seconds a stopping worker gets to commit a save under way",
+    )
     parser.add_argument("script", help="the training script (as for torchrun)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register `launch`."""
-    p = sub.add_parser("launch", help="run this machine's agent and its trainers (torchrun-style)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "launch",
+        help="run this machine's agent and its trainers (torchrun-style)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--nnodes", type=int, default=int(_env("NNODES", "1")))
     p.add_argument("--node-rank", "--node_rank", type=int, default=int(_env("NODE_RANK", "0")))
-    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int,
-                   default=int(_env("NPROC_PER_NODE", "1")))
+    p.add_argument(
+        "--nproc-per-node", "--nproc_per_node", type=int, default=int(_env("NPROC_PER_NODE", "1"))
+    )
     p.add_argument("--master-addr", "--master_addr", default=_env("MASTER_ADDR", "127.0.0.1"))
-    p.add_argument("--master-port", "--master_port", type=int,
-                   default=int(_env("MASTER_PORT", "29500")))
-    p.add_argument("--standalone", action="store_true",
-                   help="single machine on a free local port (like torchrun --standalone)")
-    p.add_argument("--run-id", "--rdzv-id", "--rdzv_id", default=_env("RUN_ID", "gemini"),
-                   help="job id; the same on every machine of the job")
-    p.add_argument("--join-store", action="store_true",
-                   help="connect to the job store even on node 0 (a test bed hosts it)")
+    p.add_argument(
+        "--master-port", "--master_port", type=int, default=int(_env("MASTER_PORT", "29500"))
+    )
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        help="single machine on a free local port (like torchrun --standalone)",
+    )
+    p.add_argument(
+        "--run-id",
+        "--rdzv-id",
+        "--rdzv_id",
+        default=_env("RUN_ID", "gemini"),
+        help="job id; the same on every machine of the job",
+    )
+    p.add_argument(
+        "--join-store",
+        action="store_true",
+        help="connect to the job store even on node 0 (a test bed hosts it)",
+    )
     add_common_options(p)
     p.set_defaults(run=run)
 
@@ -80,17 +126,28 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
         raise ConfigError(f"training script {args.script} does not exist")
     specs = [parse_fault(text) for text in args.fault]
     faults = resolve_faults(specs, args.nnodes, args.nproc_per_node, args.fault_seed)
-    run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.gettempdir()) / f"gemini-{args.run_id}"
+    run_dir = (
+        Path(args.run_dir)
+        if args.run_dir
+        else Path(tempfile.gettempdir()) / f"gemini-{args.run_id}"
+    )
     memory = cfg.parse_size(args.memory_limit) if args.memory_limit else cfg.default_memory_limit()
     config = cfg.AgentConfig(
-        job_id=args.run_id, machine=args.node_rank, machines=args.nnodes,
+        job_id=args.run_id,
+        machine=args.node_rank,
+        machines=args.nnodes,
         nproc_per_machine=args.nproc_per_node,
         command=(str(Path(args.script)), *args.script_args),
-        store_addr=args.master_addr, store_port=args.master_port,
+        store_addr=args.master_addr,
+        store_port=args.master_port,
         host_store=args.node_rank == 0 and not args.join_store,
-        run_dir=run_dir, shm_dir=cfg.shm_root() / f"gemini-{args.run_id}" / f"m{args.node_rank}",
-        memory_limit=memory, max_restarts=args.max_restarts, snapshot_mode=args.snapshot_mode,
-        stop_grace_s=args.stop_grace, tee=args.tee,
+        run_dir=run_dir,
+        shm_dir=cfg.shm_root() / f"gemini-{args.run_id}" / f"m{args.node_rank}",
+        memory_limit=memory,
+        max_restarts=args.max_restarts,
+        snapshot_mode=args.snapshot_mode,
+        stop_grace_s=args.stop_grace,
+        tee=args.tee,
     )
     return dataclasses.replace(config, faults=tuple(f for f in faults if f.rank in config.ranks))
 
@@ -102,7 +159,7 @@ def connect_store(config: cfg.AgentConfig, standalone: bool) -> KV:
     return TCPStoreKV.connect(config.store_addr, config.store_port, config.join_timeout_s)
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -115,9 +172,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         agent.start()
-        print(f"gemini-ckpt: machine {config.machine} agent up (pid {os.getpid()}), ranks "
-              f"{config.ranks.start}..{config.ranks.stop - 1}, run dir {config.run_dir}",
-              file=sys.stderr)
+        print(
+            f"gemini-ckpt: machine {config.machine} agent up (pid {os.getpid()}), ranks "
+            f"{config.ranks.start}..{config.ranks.stop - 1}, run dir {config.run_dir}",
+            file=sys.stderr,
+        )
         return agent.run()
     finally:
         agent.close()

@@ -16,14 +16,17 @@ from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register `local`."""
-    p = sub.add_parser("local", help="run a job on N simulated machines on this host",
-                       description=__doc__)
+    p = sub.add_parser(
+        "local", help="run a job on N simulated machines on this host", description=__doc__
+    )
     p.add_argument("--machines", type=int, default=2, help="simulated machines (default 2)")
-    p.add_argument("--nproc-per-machine", type=int, default=2,
-                   help="trainer processes per machine (default 2)")
+    p.add_argument(
+        "--nproc-per-machine", type=int, default=2, help="trainer processes per machine (default 2)"
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
-    p.add_argument("-o", "--output", choices=["table", "json"], default="table",
-                   help="summary format")
+    p.add_argument(
+        "-o", "--output", choices=["table", "json"], default="table", help="summary format"
+    )
     add_common_options(p)
     p.set_defaults(run=run)
 
@@ -31,18 +34,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
     """The test bed spec the options describe."""
     fields: dict[str, object] = {
-        "machines": args.machines, "nproc_per_machine": args.nproc_per_machine,
-        "script": Path(args.script), "script_args": tuple(args.script_args),
-        "faults": tuple(args.fault), "fault_seed": args.fault_seed,
-        "memory_limit": args.memory_limit, "snapshot_mode": args.snapshot_mode,
-        "max_restarts": args.max_restarts, "stop_grace_s": args.stop_grace, "tee": args.tee,
+        "machines": args.machines,
+        "nproc_per_machine": args.nproc_per_machine,
+        "script": Path(args.script),
+        "script_args": tuple(args.script_args),
+        "faults": tuple(args.fault),
+        "fault_seed": args.fault_seed,
+        "memory_limit": args.memory_limit,
+        "snapshot_mode": args.snapshot_mode,
+        "max_restarts": args.max_restarts,
+        "stop_grace_s": args.stop_grace,
+        "tee": args.tee,
         "run_dir": Path(args.run_dir) if args.run_dir else None,
     }
     fields.update(overrides)
     return LocalSpec(**fields)  # type: ignore[arg-type]
 
 
-def run_testbed(spec: LocalSpec, timeout_s: float, show: bool = True) -> tuple[int, RunSummary, LocalTestbed]:
+def run_testbed(
+    spec: LocalSpec, timeout_s: float, show: bool = True
+) -> tuple[int, RunSummary, LocalTestbed]:
     """Run a job on the test bed, printing progress lines as events arrive."""
     with LocalTestbed(spec) as bed:
         if show:
@@ -69,11 +80,15 @@ def run_testbed(spec: LocalSpec, timeout_s: float, show: bool = True) -> tuple[i
 
 def run(args: argparse.Namespace) -> int:
     """Run the job and print its recovery summary."""
-    code, summary, bed = run_testbed(spec_from_args(args), args.timeout,
-                                     show=args.output == "table")
+    code, summary, bed = run_testbed(
+        spec_from_args(args), args.timeout, show=args.output == "table"
+    )
     if args.output == "json":
-        print(json.dumps({"exit_code": code, "run_dir": str(bed.run_dir), **summary.to_dict()},
-                         indent=2))
+        print(
+            json.dumps(
+                {"exit_code": code, "run_dir": str(bed.run_dir), **summary.to_dict()}, indent=2
+            )
+        )
     else:
         print("\n".join(summary_lines(summary)))
         if code:

@@ -33,8 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-iteration in-memory checkpoints and fast failure recovery for PyTorch.",
     )
     parser.add_argument("--version", action="version", version=f"gemini-ckpt {__version__}")
-    parser.add_argument("--log-level", default="WARNING",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="library log level")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="library log level",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in _commands():
         module.add_parser(sub)
@@ -45,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gemini-ckpt` script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.run(args))
     except ConfigError as e:

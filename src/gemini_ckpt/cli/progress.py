@@ -19,14 +19,18 @@ def event_line(event: dict[str, Any]) -> str | None:
     if kind == ev.PROGRESS and event.get("machine") == 0:
         loss = (event.get("metrics") or {}).get("loss")
         loss_text = f"loss {loss:7.4f}" if isinstance(loss, (int, float)) else "loss    n/a"
-        return (f"step {event['step']:5d} | {loss_text} | iter {_ms(event.get('iteration_s', 0))}"
-                f" | ckpt {_ms(event.get('blocking_s', 0))} blocking,"
-                f" {_ms(event.get('copy_s', 0))} copy")
+        return (
+            f"step {event['step']:5d} | {loss_text} | iter {_ms(event.get('iteration_s', 0))}"
+            f" | ckpt {_ms(event.get('blocking_s', 0))} blocking,"
+            f" {_ms(event.get('copy_s', 0))} copy"
+        )
     if kind == ev.FAULT_INJECTED:
         return f"!! fault {event['fault']}: SIGKILL to rank {event['rank']} (pid {event['pid']})"
     if kind == ev.WORKER_FAILED:
-        line = (f"!! machine {event['machine']}: {event['description']}; last committed step "
-                f"{event.get('last_committed')}")
+        line = (
+            f"!! machine {event['machine']}: {event['description']}; last committed step "
+            f"{event.get('last_committed')}"
+        )
         tail = [t for t in str(event.get("stderr_tail") or "").splitlines() if t.strip()]
         if int(event.get("exitcode", 0)) > 0 and tail:
             line += f"\n   last error output: {tail[-1].strip()}"
@@ -34,8 +38,10 @@ def event_line(event: dict[str, Any]) -> str | None:
     if kind == ev.PLAN and event.get("machine") == 0:
         return f"-> generation {event['generation']}: {event['reason']}"
     if kind == ev.RESTORED:
-        return (f"   rank {event['rank']} restored step {event['step']} from {event['source']} "
-                f"in {_ms(event['seconds']).strip()}")
+        return (
+            f"   rank {event['rank']} restored step {event['step']} from {event['source']} "
+            f"in {_ms(event['seconds']).strip()}"
+        )
     if kind == ev.CORRUPT:
         return f"!! rank {event['rank']} step {event['step']} refused: {event['detail']}"
     return None
@@ -60,6 +66,8 @@ def summary_lines(summary: RunSummary) -> list[str]:
         ]
         for rank, source in sorted(r.sources.items()):
             took = r.restore_seconds.get(rank)
-            took_text = f" (loaded and verified in {took * 1000:.1f} ms)" if took is not None else ""
+            took_text = (
+                f" (loaded and verified in {took * 1000:.1f} ms)" if took is not None else ""
+            )
             lines.append(f"  rank {rank:<3d} state from {source}{took_text}")
     return lines

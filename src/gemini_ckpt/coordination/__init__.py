@@ -1,0 +1,1 @@
+"""Coordination between machine agents through a shared key-value store."""

@@ -55,7 +55,10 @@ class JobCoordinator:
         self._kv.set(self._key(key), json.dumps(value, separators=(",", ":")).encode())
 
     def _wait(
-        self, what: str, probe: Callable[[], Any], timeout_s: float,
+        self,
+        what: str,
+        probe: Callable[[], Any],
+        timeout_s: float,
         abort: Callable[[], str | None] | None = None,
     ) -> Any:
         """Poll `probe` until it returns something other than None."""
@@ -81,7 +84,9 @@ class JobCoordinator:
         self._kv.set(self._key(f"joined/m{machine}"), b"1")
 
         def everyone() -> bool | None:
-            missing = [m for m in range(self.machines) if self._kv.get(self._key(f"joined/m{m}")) is None]
+            missing = [
+                m for m in range(self.machines) if self._kv.get(self._key(f"joined/m{m}")) is None
+            ]
             return True if not missing else None
 
         self._wait(f"all {self.machines} machines to join", everyone, timeout_s, self.failure)
@@ -94,12 +99,15 @@ class JobCoordinator:
         return int(raw) if raw is not None else 0
 
     def request_restart(self, machine: int, from_generation: int, reason: dict[str, Any]) -> int:
-        """Move the job from `from_generation` to the next one (no-op if another agent already
-        did); return the generation now current."""
+        """Move the job from `from_generation` to the next one; return the generation now current.
+
+        A no-op if another agent already moved it.
+        """
         target = from_generation + 1
         self._set_json(f"gen{target}/reason/m{machine}", reason)
-        self._kv.compare_set(self._key("generation"), str(from_generation).encode(),
-                             str(target).encode())
+        self._kv.compare_set(
+            self._key("generation"), str(from_generation).encode(), str(target).encode()
+        )
         return self.generation()
 
     def restart_reasons(self, generation: int) -> dict[int, Any]:
@@ -113,9 +121,13 @@ class JobCoordinator:
 
     # -- restore plan ----------------------------------------------------------------------------
 
-    def publish_inventory(self, generation: int, machine: int, inventory: dict[int, list[int]]) -> None:
+    def publish_inventory(
+        self, generation: int, machine: int, inventory: dict[int, list[int]]
+    ) -> None:
         """Record which steps this machine holds for each of its ranks."""
-        self._set_json(f"gen{generation}/inventory/m{machine}", {str(r): s for r, s in inventory.items()})
+        self._set_json(
+            f"gen{generation}/inventory/m{machine}", {str(r): s for r, s in inventory.items()}
+        )
 
     def inventories(
         self, generation: int, timeout_s: float, abort: Callable[[], str | None]
@@ -133,7 +145,9 @@ class JobCoordinator:
 
         return dict(self._wait(f"inventories of generation {generation}", probe, timeout_s, abort))
 
-    def publish_plan(self, generation: int, plan: dict[str, Any], worker_store: dict[str, Any]) -> None:
+    def publish_plan(
+        self, generation: int, plan: dict[str, Any], worker_store: dict[str, Any]
+    ) -> None:
         """Publish the restore plan and where workers rendezvous (the leader does this)."""
         self._set_json(f"gen{generation}/worker_store", worker_store)
         if plan.get("step") is not None:
@@ -145,8 +159,12 @@ class JobCoordinator:
         self, generation: int, timeout_s: float, abort: Callable[[], str | None]
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The restore plan and worker store address of `generation`, once published."""
-        plan = self._wait(f"the restore plan of generation {generation}",
-                          lambda: self._get_json(f"gen{generation}/plan"), timeout_s, abort)
+        plan = self._wait(
+            f"the restore plan of generation {generation}",
+            lambda: self._get_json(f"gen{generation}/plan"),
+            timeout_s,
+            abort,
+        )
         store = self._get_json(f"gen{generation}/worker_store")
         return dict(plan), dict(store)
 
@@ -172,8 +190,12 @@ class JobCoordinator:
     ) -> None:
         """Wait until every rank of the job has committed `step`."""
         key = self._key(f"gen{generation}/complete/{step}")
-        self._wait(f"all ranks to commit step {step}",
-                   lambda: True if self._kv.get(key) is not None else None, timeout_s, abort)
+        self._wait(
+            f"all ranks to commit step {step}",
+            lambda: True if self._kv.get(key) is not None else None,
+            timeout_s,
+            abort,
+        )
 
     def mark_done(self, generation: int, machine: int) -> None:
         """This machine's workers all finished successfully in `generation`."""
@@ -181,8 +203,10 @@ class JobCoordinator:
 
     def all_done(self, generation: int) -> bool:
         """Whether every machine's workers finished successfully in `generation`."""
-        return all(self._kv.get(self._key(f"gen{generation}/done/m{m}")) is not None
-                   for m in range(self.machines))
+        return all(
+            self._kv.get(self._key(f"gen{generation}/done/m{m}")) is not None
+            for m in range(self.machines)
+        )
 
     # -- failure ---------------------------------------------------------------------------------
 

@@ -8,12 +8,16 @@ own; none blocks waiting for a key to appear (waiting is the coordinator's job, 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch.distributed as dist
 
 from gemini_ckpt.errors import CoordinationError
+
+# Exported at run time; torch's type stubs do not list it.
+_TCPStore: Any = getattr(dist, "TCPStore")  # noqa: B009
 
 
 class KV(Protocol):
@@ -32,7 +36,7 @@ class KV(Protocol):
         """Atomically add `delta` to the integer at `key` (0 if absent) and return the result."""
 
     def compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bool:
-        """Set `key` to `desired` iff its value is `expected` (None: iff absent); True on success."""
+        """Set `key` to `desired` iff its value is `expected` (None: absent); True on success."""
 
     def delete(self, key: str) -> None:
         """Remove `key` if present."""
@@ -89,7 +93,7 @@ class TCPStoreKV:
     this class are never empty.
     """
 
-    def __init__(self, store: dist.TCPStore) -> None:
+    def __init__(self, store: Any) -> None:
         self._store = store
         self._lock = threading.Lock()
 
@@ -97,8 +101,13 @@ class TCPStoreKV:
     def host(cls, addr: str, port: int, timeout_s: float = 30.0) -> TCPStoreKV:
         """Serve a store on `addr:port` (0: any free port; see `port`)."""
         try:
-            store = dist.TCPStore(addr, port, is_master=True, wait_for_workers=False,
-                                  timeout=timedelta(seconds=timeout_s))
+            store = _TCPStore(
+                addr,
+                port,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=timedelta(seconds=timeout_s),
+            )
         except (RuntimeError, OSError) as e:
             raise CoordinationError(f"cannot serve the job store on {addr}:{port}: {e}") from e
         return cls(store)
@@ -111,8 +120,7 @@ class TCPStoreKV:
             CoordinationError: nothing answers at `addr:port` in time.
         """
         try:
-            store = dist.TCPStore(addr, port, is_master=False,
-                                  timeout=timedelta(seconds=timeout_s))
+            store = _TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, OSError) as e:
             raise CoordinationError(
                 f"cannot reach the job store at {addr}:{port} within {timeout_s:.0f} s: {e}"
@@ -124,35 +132,37 @@ class TCPStoreKV:
         """The port the store listens on."""
         return int(self._store.port)
 
-    def _call(self, what: str, fn: object, *args: object) -> object:
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         with self._lock:
             try:
-                return fn(*args)  # type: ignore[operator]
+                return fn()
             except (RuntimeError, OSError) as e:
                 raise CoordinationError(f"job store {what} failed: {e}") from e
 
     def get(self, key: str) -> bytes | None:
         """See `KV.get`."""
-        if not self._call("check", self._store.check, [key]):
+        if not self._call("check", lambda: self._store.check([key])):
             return None
-        return bytes(self._call("get", self._store.get, key))  # type: ignore[arg-type]
+        return bytes(self._call("get", lambda: self._store.get(key)))
 
     def set(self, key: str, value: bytes) -> None:
         """See `KV.set`."""
-        self._call("set", self._store.set, key, value)
+        self._call("set", lambda: self._store.set(key, value))
 
     def add(self, key: str, delta: int) -> int:
         """See `KV.add`."""
-        return int(self._call("add", self._store.add, key, delta))  # type: ignore[call-overload]
+        return int(self._call("add", lambda: self._store.add(key, delta)))
 
     def compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bool:
         """See `KV.compare_set`."""
-        result = self._call("compare_set", self._store.compare_set, key, expected or b"", desired)
-        return bytes(result) == desired  # type: ignore[arg-type]
+        result = self._call(
+            "compare_set", lambda: self._store.compare_set(key, expected or b"", desired)
+        )
+        return bytes(result) == desired
 
     def delete(self, key: str) -> None:
         """See `KV.delete`."""
-        self._call("delete", self._store.delete_key, key)
+        self._call("delete", lambda: self._store.delete_key(key))
 
     def close(self) -> None:
         """See `KV.close` (the connection closes when the store object goes)."""

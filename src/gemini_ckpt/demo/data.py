@@ -34,9 +34,12 @@ class ArithmeticStream:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch at the current position; advances the position."""
         generator = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.rank) * 1_000_003 + self.position)
-        rows = [[STOI[c] for c in self._text(generator, self.seq_len + 1)]
-                for _ in range(self.batch_size)]
+            (self.seed * 1_000_003 + self.rank) * 1_000_003 + self.position
+        )
+        rows = [
+            [STOI[c] for c in self._text(generator, self.seq_len + 1)]
+            for _ in range(self.batch_size)
+        ]
         data = torch.tensor(rows, dtype=torch.long)
         self.position += 1
         return data[:, :-1], data[:, 1:]
@@ -48,6 +51,8 @@ class ArithmeticStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a saved position."""
         if state["rank"] != self.rank or state["seed"] != self.seed:
-            raise ValueError(f"data state of rank {state['rank']}/seed {state['seed']} given to "
-                             f"rank {self.rank}/seed {self.seed}")
+            raise ValueError(
+                f"data state of rank {state['rank']}/seed {state['seed']} given to "
+                f"rank {self.rank}/seed {self.seed}"
+            )
         self.position = int(state["position"])

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 
-def collect(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, data: Any, step: int) -> dict[str, Any]:
+def collect(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Any, step: int
+) -> dict[str, Any]:
     """Model, optimizer, scheduler, data position and every RNG state, as tensors and plain data."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {
         "step": step,
         "model": model.state_dict(),
@@ -40,35 +41,34 @@ def write(state: dict[str, Any], directory: Path, rank: int) -> Path:
 def first_difference(a: Any, b: Any, path: str = "state") -> str | None:
     """Where two states differ (exact, bit for bit), or None if they are identical."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return f"{path}: tensor vs {type(b).__name__}"
-        if a.dtype != b.dtype or a.shape != b.shape:
-            return f"{path}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
-        # Bitwise: NaN payloads and signed zeros count, as they would for resumed training.
-        same = torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
-                           b.contiguous().reshape(-1).view(torch.uint8))
-        return None if same else f"{path}: values differ"
+        return _tensor_difference(a, b, path)
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b):
             return f"{path}: keys {sorted(map(str, set(a) ^ set(b)))} differ"
-        for key in a:
-            found = first_difference(a[key], b[key], f"{path}[{key!r}]")
-            if found:
-                return found
-        return None
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        pairs = [(a[k], b[k], f"{path}[{k!r}]") for k in a]
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         if len(a) != len(b):
             return f"{path}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            found = first_difference(x, y, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    return None if a == b else f"{path}: {a!r} vs {b!r}"
+        pairs = [(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True))]
+    else:
+        return None if a == b else f"{path}: {a!r} vs {b!r}"
+    return next((d for x, y, p in pairs if (d := first_difference(x, y, p))), None)
+
+
+def _tensor_difference(a: Any, b: Any, path: str) -> str | None:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return f"{path}: {type(a).__name__} vs {type(b).__name__}"
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return f"{path}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+    # Bitwise: NaN payloads and signed zeros count, as they would for resumed training.
+    same = torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    )
+    return None if same else f"{path}: values differ"
 
 
 def compare_dirs(expected: Path, actual: Path, world_size: int) -> list[str]:
-    """Differences between two runs' final states, one line per differing rank (empty: identical)."""
+    """Differences between two runs' final states, one line per differing rank."""
     problems = []
     for rank in range(world_size):
         a_path, b_path = expected / f"rank{rank}.pt", actual / f"rank{rank}.pt"

@@ -1,5 +1,8 @@
-"""A small GPT-style language model: token and position embeddings, pre-norm transformer blocks
-with causal self-attention and dropout, and a head tied to the token embedding."""
+"""A small GPT-style language model.
+
+Token and position embeddings, pre-norm transformer blocks with causal self-attention and
+dropout, and an output head tied to the token embedding.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,15 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(config.d_model)
-        self.attn = nn.MultiheadAttention(config.d_model, config.n_heads,
-                                          dropout=config.dropout, batch_first=True)
+        self.attn = nn.MultiheadAttention(
+            config.d_model, config.n_heads, dropout=config.dropout, batch_first=True
+        )
         self.ln2 = nn.LayerNorm(config.d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(config.d_model, 4 * config.d_model), nn.GELU(),
-            nn.Linear(4 * config.d_model, config.d_model), nn.Dropout(config.dropout),
+            nn.Linear(config.d_model, 4 * config.d_model),
+            nn.GELU(),
+            nn.Linear(4 * config.d_model, config.d_model),
+            nn.Dropout(config.dropout),
         )
         mask = torch.triu(torch.ones(config.seq_len, config.seq_len, dtype=torch.bool), 1)
         self.register_buffer("causal_mask", mask, persistent=False)
@@ -41,10 +47,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block."""
         t = x.shape[1]
+        mask = self.get_buffer("causal_mask")
         h = self.ln1(x)
-        attn, _ = self.attn(h, h, h, attn_mask=self.causal_mask[:t, :t], need_weights=False)
+        attn, _ = self.attn(h, h, h, attn_mask=mask[:t, :t], need_weights=False)
         x = x + attn
-        return x + self.mlp(self.ln2(x))
+        out: torch.Tensor = x + self.mlp(self.ln2(x))
+        return out
 
 
 class TinyGPT(nn.Module):

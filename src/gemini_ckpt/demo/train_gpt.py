@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gemini_ckpt import Checkpointer
 from gemini_ckpt.demo import final_state
@@ -33,8 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--final-state", type=Path, default=None,
-                   help="directory to write each rank's final state to (for comparisons)")
+    p.add_argument(
+        "--final-state",
+        type=Path,
+        default=None,
+        help="directory to write each rank's final state to (for comparisons)",
+    )
     return p.parse_args(argv)
 
 
@@ -45,8 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)  # same initial weights on every rank
     torch.use_deterministic_algorithms(True)
-    config = GPTConfig(vocab_size=len(VOCAB), seq_len=args.seq, d_model=args.d_model,
-                       n_layers=args.layers, n_heads=max(1, args.d_model // 32))
+    config = GPTConfig(
+        vocab_size=len(VOCAB),
+        seq_len=args.seq,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=max(1, args.d_model // 32),
+    )
     # find_unused_parameters=True keeps DDP's gradient buckets in their initial order; without it
     # DDP reorders them after the first iteration of every process, so a restarted process would
     # sum gradients in a different order and drift from the uninterrupted run in the last bits.
@@ -63,8 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = Checkpointer(model, optimizer, lr_scheduler=scheduler, extra_state=data)
     start = ckpt.restore()
     info = ckpt.restore_info
-    print(f"rank {rank}/{world} pid {os.getpid()}: starting at step {start} "
-          f"(state from {info.source if info else '?'})", flush=True)
+    print(
+        f"rank {rank}/{world} pid {os.getpid()}: starting at step {start} "
+        f"(state from {info.source if info else '?'})",
+        flush=True,
+    )
     for step in range(start, args.steps):
         began = time.monotonic()
         tokens, targets = data.next_batch()
@@ -74,8 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         scheduler.step()
         ckpt.save(step + 1, metrics={"loss": loss.item()})
-        print(f"step {step + 1} loss {loss.item():.4f} "
-              f"{(time.monotonic() - began) * 1000:.0f} ms", flush=True)
+        print(
+            f"step {step + 1} loss {loss.item():.4f} {(time.monotonic() - began) * 1000:.0f} ms",
+            flush=True,
+        )
     ckpt.close()
     if args.final_state is not None:
         state = final_state.collect(model, optimizer, scheduler, data, args.steps)

@@ -1,0 +1,1 @@
+"""Structured events and the summaries built from them."""

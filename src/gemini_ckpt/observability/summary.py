@@ -43,11 +43,15 @@ class Recovery:
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {
-            "generation": self.generation, "failures": self.failures,
-            "failed_at": self.failed_at, "detected_at": self.detected_at,
-            "highest_committed_step": self.highest_committed, "restored_step": self.restored_step,
+            "generation": self.generation,
+            "failures": self.failures,
+            "failed_at": self.failed_at,
+            "detected_at": self.detected_at,
+            "highest_committed_step": self.highest_committed,
+            "restored_step": self.restored_step,
             "sources": {str(r): s for r, s in sorted(self.sources.items())},
-            "reason": self.reason, "iterations_lost": self.iterations_lost,
+            "reason": self.reason,
+            "iterations_lost": self.iterations_lost,
             "seconds_to_next_step": self.seconds_to_next_step,
             "restore_seconds": {str(r): s for r, s in sorted(self.restore_seconds.items())},
         }
@@ -63,15 +67,19 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {"status": self.status, "final_step": self.final_step,
-                "recoveries": [r.to_dict() for r in self.recoveries]}
+        return {
+            "status": self.status,
+            "final_step": self.final_step,
+            "recoveries": [r.to_dict() for r in self.recoveries],
+        }
 
 
 def summarize(records: list[dict[str, Any]]) -> RunSummary:
     """Build the summary from all machines' events, merged in time order."""
     recoveries: list[Recovery] = []
-    for generation in sorted({int(e["generation"]) for e in records
-                              if e.get("event") == ev.RESTART}):
+    for generation in sorted(
+        {int(e["generation"]) for e in records if e.get("event") == ev.RESTART}
+    ):
         recoveries.append(_recovery(records, generation))
     progress = [e for e in records if e.get("event") == ev.PROGRESS]
     finished = [e for e in records if e.get("event") == ev.JOB_FINISHED]
@@ -84,29 +92,50 @@ def summarize(records: list[dict[str, Any]]) -> RunSummary:
 
 def _recovery(records: list[dict[str, Any]], generation: int) -> Recovery:
     previous = generation - 1
-    failed = [e for e in records if e.get("event") == ev.WORKER_FAILED
-              and e.get("generation") == previous]
-    injected = [e for e in records if e.get("event") == ev.FAULT_INJECTED
-                and float(e["t"]) <= min((float(f["t"]) for f in failed), default=float("inf"))]
+    failed = [
+        e for e in records if e.get("event") == ev.WORKER_FAILED and e.get("generation") == previous
+    ]
+    injected = [
+        e
+        for e in records
+        if e.get("event") == ev.FAULT_INJECTED
+        and float(e["t"]) <= min((float(f["t"]) for f in failed), default=float("inf"))
+    ]
     detected_at = min((float(e["t"]) for e in failed), default=0.0)
-    failed_at = max((float(e["t"]) for e in injected), default=detected_at) if injected else detected_at
-    committed = [int(e["step"]) for e in records if e.get("event") == ev.PROGRESS
-                 and e.get("generation") == previous]
+    failed_at = (
+        max((float(e["t"]) for e in injected), default=detected_at) if injected else detected_at
+    )
+    committed = [
+        int(e["step"])
+        for e in records
+        if e.get("event") == ev.PROGRESS and e.get("generation") == previous
+    ]
     plans = [e for e in records if e.get("event") == ev.PLAN and e.get("generation") == generation]
     sources: dict[int, str] = {}
     for plan in plans:
         sources.update({int(r): str(s) for r, s in plan.get("sources", {}).items()})
-    restored = {int(e["rank"]): float(e["seconds"]) for e in records
-                if e.get("event") == ev.RESTORED and e.get("generation") == generation}
+    restored = {
+        int(e["rank"]): float(e["seconds"])
+        for e in records
+        if e.get("event") == ev.RESTORED and e.get("generation") == generation
+    }
     step = plans[0].get("step") if plans else None
-    later = [float(e["t"]) for e in records if e.get("event") == ev.PROGRESS
-             and e.get("generation") == generation and int(e["step"]) > (step or 0)]
+    later = [
+        float(e["t"])
+        for e in records
+        if e.get("event") == ev.PROGRESS
+        and e.get("generation") == generation
+        and int(e["step"]) > (step or 0)
+    ]
     return Recovery(
         generation=generation,
         failures=[str(e.get("description")) for e in failed],
-        failed_at=failed_at, detected_at=detected_at,
+        failed_at=failed_at,
+        detected_at=detected_at,
         highest_committed=max(committed) if committed else None,
-        restored_step=step, sources=sources,
+        restored_step=step,
+        sources=sources,
         reason=str(plans[0].get("reason", "")) if plans else "no plan recorded",
-        restore_seconds=restored, next_step_at=min(later) if later else None,
+        restore_seconds=restored,
+        next_step_at=min(later) if later else None,
     )

@@ -1,0 +1,1 @@
+"""The seam between trainers and agents: message framing, requests, the checkpoint manifest."""

@@ -1,6 +1,6 @@
 """Length-prefixed JSON frames over a stream socket: a 4-byte big-endian length, then UTF-8 JSON.
 
-Frames are bounded; a peer that sends something else gets a `ProtocolError` that says what was wrong.
+Frames are bounded; a peer that sends anything else gets a `ProtocolError` saying what was wrong.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"message cannot be encoded as JSON: {e}") from e
     if len(body) > MAX_FRAME:
-        raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
+        raise ProtocolError(
+            f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit"
+        )
     return _HEADER.pack(len(body)) + body
 
 

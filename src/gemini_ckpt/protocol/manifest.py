@@ -1,9 +1,9 @@
 """The manifest: the self-describing record of one rank's checkpoint of one step.
 
-It is written last, after every data chunk is in place, and committed atomically; a slot without a
-valid manifest holds no checkpoint. It lists where each tensor lies in the slot's data region and the
-checksum of every fixed-size chunk of that region, so any copy (in shared memory, on a peer, on disk)
-can be verified before a single byte is loaded.
+It is written last, after every data chunk is in place, and committed atomically; a slot
+without a valid manifest holds no checkpoint. It lists where each tensor lies in the slot's data
+region and the checksum of every fixed-size chunk of that region, so any copy (in shared memory,
+on a peer, on disk) can be verified before a single byte is loaded.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """One rank's checkpoint of one step; `tensor_refs[i]` is the entry of the skeleton's tensor i."""
+    """One rank's checkpoint of one step; `tensor_refs[i]` is the entry of skeleton tensor i."""
 
     job: str
     rank: int

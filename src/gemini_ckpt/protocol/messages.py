@@ -46,7 +46,7 @@ def parse_request(message: dict[str, Any]) -> Request:
     """Validate a decoded frame as a request.
 
     Raises:
-        ProtocolError: unknown op, missing field or a field of the wrong type; the message says which.
+        ProtocolError: unknown op, missing field or wrongly typed field; the message says which.
     """
     op = message.get("op")
     request_id = message.get("id", 0)
@@ -59,9 +59,11 @@ def parse_request(message: dict[str, Any]) -> Request:
             raise ProtocolError(f"op {op!r} needs field {name!r}")
         value = message[name]
         if isinstance(value, bool) or not isinstance(value, kind):
-            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            expected = (
+                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            )
             raise ProtocolError(f"field {name!r} of op {op!r} must be {expected}, got {value!r}")
-        if name in ("rank", "step", "nbytes", "slot") and value < 0:
+        if isinstance(value, int) and value < 0:
             raise ProtocolError(f"field {name!r} of op {op!r} must be >= 0, got {value}")
     fields = {k: v for k, v in message.items() if k not in ("op", "id")}
     return Request(op, request_id, fields)
@@ -74,5 +76,8 @@ def ok_reply(request_id: int, **fields: Any) -> dict[str, Any]:
 
 def error_reply(request_id: int, error: BaseException) -> dict[str, Any]:
     """An error reply naming the error class and message."""
-    return {"id": request_id, "ok": False,
-            "error": {"kind": type(error).__name__, "message": str(error)}}
+    return {
+        "id": request_id,
+        "ok": False,
+        "error": {"kind": type(error).__name__, "message": str(error)},
+    }

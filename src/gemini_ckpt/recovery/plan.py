@@ -1,4 +1,4 @@
-"""The restore decision: which step the whole job resumes from, and where each rank's state comes from.
+"""The restore decision: the step the whole job resumes from, and where each rank's state is.
 
 A pure function of the agents' inventories. All ranks resume from the same step: the newest one that
 every rank holds. Never some ranks at S and others at S-1.
@@ -25,15 +25,23 @@ class RestorePlan:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as published to the job store."""
-        return {"generation": self.generation, "step": self.step,
-                "sources": {str(r): s for r, s in self.sources.items()}, "reason": self.reason}
+        return {
+            "generation": self.generation,
+            "step": self.step,
+            "sources": {str(r): s for r, s in self.sources.items()},
+            "reason": self.reason,
+        }
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> RestorePlan:
         """Inverse of `to_dict`."""
         step = raw.get("step")
-        return cls(int(raw["generation"]), None if step is None else int(step),
-                   {int(r): str(s) for r, s in dict(raw["sources"]).items()}, str(raw["reason"]))
+        return cls(
+            int(raw["generation"]),
+            None if step is None else int(step),
+            {int(r): str(s) for r, s in dict(raw["sources"]).items()},
+            str(raw["reason"]),
+        )
 
 
 def plan_restore(
@@ -55,16 +63,25 @@ def plan_restore(
         lagging = sorted(r for r, n in newest.items() if n > step)
         detail = f"; ranks {lagging} also hold newer steps, discarded" if lagging else ""
         return RestorePlan(
-            generation, step, dict.fromkeys(held, LOCAL_MEMORY),
-            f"step {step} is the newest step held in local memory by all {world_size} ranks{detail}",
+            generation,
+            step,
+            dict.fromkeys(held, LOCAL_MEMORY),
+            f"step {step} is the newest step held in local memory by all {world_size} ranks"
+            + detail,
         )
     if not newest:
-        return RestorePlan(generation, None, dict.fromkeys(held, FRESH_START),
-                           "no rank holds a checkpoint: fresh start from step 0")
+        return RestorePlan(
+            generation,
+            None,
+            dict.fromkeys(held, FRESH_START),
+            "no rank holds a checkpoint: fresh start from step 0",
+        )
     missing = sorted(r for r in held if not held[r])
     summary = ", ".join(f"rank {r}: {sorted(held[r])}" for r in sorted(held)[:8])
     return RestorePlan(
-        generation, None, dict.fromkeys(held, FRESH_START),
+        generation,
+        None,
+        dict.fromkeys(held, FRESH_START),
         f"no step is held by every rank (ranks without a checkpoint: {missing}; {summary}); "
         "with no other tier to fall back to, the job restarts from step 0",
     )

@@ -1,0 +1,1 @@
+"""The trainer side: capturing training state into checkpoint memory and loading it back."""

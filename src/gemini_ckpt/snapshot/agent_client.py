@@ -78,7 +78,9 @@ class AgentClient:
                 send_frame(self._sock, {"op": op, "id": request_id, **fields})
                 reply = recv_frame(self._sock)
             except (OSError, ProtocolError) as e:
-                raise AgentUnavailableError(f"request {op!r} to the Gemini agent failed: {e}") from e
+                raise AgentUnavailableError(
+                    f"request {op!r} to the Gemini agent failed: {e}"
+                ) from e
         if reply is None:
             raise AgentUnavailableError(f"the Gemini agent closed the connection during {op!r}")
         if reply.get("id") != request_id:

@@ -92,8 +92,11 @@ class Checkpointer:
         extra_state: Stateful | None = None,
         config: TrainerConfig | None = None,
     ) -> None:
-        optimizers = [] if optimizer is None else (
-            [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer))
+        optimizers = (
+            []
+            if optimizer is None
+            else ([optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer))
+        )
         self._state = TrainingState(model, optimizers, lr_scheduler, extra_state)
         self._given_config = config
         self._session: _Session | None = None
@@ -117,8 +120,9 @@ class Checkpointer:
         config = self._given_config or TrainerConfig.from_env()
         client = AgentClient(config.agent_socket, config.request_timeout_s)
         client.connect()
-        hello = client.request("hello", rank=config.rank, pid=os.getpid(),
-                               generation=config.generation)
+        hello = client.request(
+            "hello", rank=config.rank, pid=os.getpid(), generation=config.generation
+        )
         self._session = _Session(
             config=config,
             client=client,
@@ -126,8 +130,10 @@ class Checkpointer:
             jobs=ThreadPoolExecutor(1, thread_name_prefix="gemini-save"),
             failpoints={fp["name"]: int(fp["step"]) for fp in hello.get("failpoints", [])},
         )
-        self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step)
-                       for opt in self._state.optimizers]
+        self._hooks = [
+            opt.register_step_pre_hook(self._before_optimizer_step)
+            for opt in self._state.optimizers
+        ]
 
     def close(self) -> None:
         """Wait for the last save, then release the connection, threads and mappings."""
@@ -188,8 +194,13 @@ class Checkpointer:
         client.request("restored", rank=config.rank, step=manifest.step, seconds=seconds)
         self._last_step = manifest.step
         self.restore_info = RestoreInfo(manifest.step, source, seconds, manifest.num_chunks)
-        log.info("rank %d restored step %d from %s in %.3f s", config.rank, manifest.step,
-                 source, seconds)
+        log.info(
+            "rank %d restored step %d from %s in %.3f s",
+            config.rank,
+            manifest.step,
+            source,
+            seconds,
+        )
         return manifest.step
 
     # -- save ------------------------------------------------------------------------------------
@@ -251,8 +262,9 @@ class Checkpointer:
         client, config, copier, step = session.client, session.config, session.copier, timing.step
         started = time.monotonic()
         if layout.data_nbytes > self._capacity:
-            self._capacity = int(client.request("allocate", rank=config.rank,
-                                                nbytes=layout.data_nbytes)["capacity"])
+            self._capacity = int(
+                client.request("allocate", rank=config.rank, nbytes=layout.data_nbytes)["capacity"]
+            )
         grant = client.request("begin", rank=config.rank, step=step)
         try:
             region = self._region(int(grant["slot"]), Path(grant["path"]))
@@ -261,22 +273,34 @@ class Checkpointer:
             half = len(chunks) // 2
             digests = copier.copy(layout, sources, region.tensor, chunks[:half], ready)
             if session.failpoints.get(FaultPoint.MID_SAVE.value) == step:
-                client.request("failpoint", rank=config.rank, name=FaultPoint.MID_SAVE.value,
-                               step=step)
+                client.request(
+                    "failpoint", rank=config.rank, name=FaultPoint.MID_SAVE.value, step=step
+                )
             digests.update(copier.copy(layout, sources, region.tensor, chunks[half:], ready))
         except BaseException as e:
             client.request("abort", rank=config.rank, step=step, reason=f"{type(e).__name__}: {e}")
             raise
         timing.copy_s = time.monotonic() - started
         manifest = Manifest(
-            job=str(grant.get("job", "")), rank=config.rank, world_size=config.world_size,
-            step=step, generation=config.generation, chunk_size=layout.chunk_size,
+            job=str(grant.get("job", "")),
+            rank=config.rank,
+            world_size=config.world_size,
+            step=step,
+            generation=config.generation,
+            chunk_size=layout.chunk_size,
             data_nbytes=layout.data_nbytes,
             chunk_digests=tuple(digests[i] for i in range(layout.num_chunks)),
-            entries=layout.entries, tensor_refs=layout.tensor_refs, skeleton=flat.skeleton,
+            entries=layout.entries,
+            tensor_refs=layout.tensor_refs,
+            skeleton=flat.skeleton,
         )
-        client.request("commit", rank=config.rank, slot=int(grant["slot"]),
-                       manifest=asdict(manifest), timing=_timing_dict(timing, config))
+        client.request(
+            "commit",
+            rank=config.rank,
+            slot=int(grant["slot"]),
+            manifest=asdict(manifest),
+            timing=_timing_dict(timing, config),
+        )
 
     def _region(self, slot: int, path: Path) -> MappedRegion:
         region = self._regions.get(slot)
@@ -317,17 +341,17 @@ def _verified_tensors(
             numel *= dim
         if numel * dtype.itemsize != entry.nbytes:
             raise CorruptCheckpointError(
-                f"tensor entry {i}: shape {entry.shape} of {entry.dtype} is not {entry.nbytes} bytes"
+                f"tensor entry {i}: shape {entry.shape} of {entry.dtype} "
+                f"is not {entry.nbytes} bytes"
             )
         raw = region.tensor[entry.offset : entry.offset + entry.nbytes]
         tensors.append(raw.view(dtype).reshape(entry.shape).clone())
     return tensors
 
 
-
 def _entry_sources(flat: FlatState, layout: Layout) -> list[torch.Tensor]:
     sources: list[torch.Tensor | None] = [None] * len(layout.entries)
-    for tensor, ref in zip(flat.tensors, layout.tensor_refs):
+    for tensor, ref in zip(flat.tensors, layout.tensor_refs, strict=False):
         if sources[ref] is None:
             sources[ref] = tensor
     return [s for s in sources if s is not None]
@@ -345,8 +369,9 @@ def _pin(region: MappedRegion) -> None:
     # Page-locks the shared mapping so device-to-host copies into it can run asynchronously.
     result = torch.cuda.cudart().cudaHostRegister(region.tensor.data_ptr(), region.nbytes, 0)
     if int(result) != 0:
-        log.warning("cudaHostRegister of %s failed (%s); copies will be synchronous", region.path,
-                    result)
+        log.warning(
+            "cudaHostRegister of %s failed (%s); copies will be synchronous", region.path, result
+        )
 
 
 def _timing_dict(timing: SaveTiming, config: TrainerConfig) -> dict[str, Any]:
@@ -355,5 +380,9 @@ def _timing_dict(timing: SaveTiming, config: TrainerConfig) -> dict[str, Any]:
     blocking = timing.capture_s + timing.wait_s
     if config.snapshot_mode == "sync":
         blocking += timing.copy_s
-    return {"blocking_s": blocking, "copy_s": timing.copy_s, "iteration_s": timing.iteration_s,
-            "metrics": timing.extra}
+    return {
+        "blocking_s": blocking,
+        "copy_s": timing.copy_s,
+        "iteration_s": timing.iteration_s,
+        "metrics": timing.extra,
+    }

@@ -67,11 +67,12 @@ class ChunkCopier:
         `ready`, for CUDA sources, is an event recorded on the training stream after the state was
         produced; the copies wait for it.
         """
-        view = memoryview(region.numpy())
+        view = memoryview(region.numpy())  # type: ignore[arg-type]
         spans = _split(chunks, self._threads)
         pool = self.start()
-        futures = [pool.submit(self._copy_run, layout, sources, region, view, run, ready)
-                   for run in spans]
+        futures = [
+            pool.submit(self._copy_run, layout, sources, region, view, run, ready) for run in spans
+        ]
         digests: dict[int, str] = {}
         for future in futures:
             digests.update(future.result())

@@ -94,7 +94,9 @@ def plan_layout(tensors: list[torch.Tensor], chunk_size: int) -> Layout:
     )
 
 
-def _cut(entries: list[TensorEntry], data_nbytes: int, chunk_size: int) -> tuple[tuple[Segment, ...], ...]:
+def _cut(
+    entries: list[TensorEntry], data_nbytes: int, chunk_size: int
+) -> tuple[tuple[Segment, ...], ...]:
     """Split each entry at chunk boundaries; alignment padding belongs to no segment."""
     num_chunks = -(-data_nbytes // chunk_size)
     chunks: list[list[Segment]] = [[] for _ in range(num_chunks)]

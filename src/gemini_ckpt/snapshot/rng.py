@@ -13,7 +13,7 @@ import torch
 
 
 def capture_rng() -> dict[str, Any]:
-    """The states of torch's CPU generator, CUDA generators (if CUDA is in use), Python and NumPy."""
+    """The states of torch's CPU generator, CUDA generators (if in use), Python and NumPy."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     return {
         "torch": torch.get_rng_state(),

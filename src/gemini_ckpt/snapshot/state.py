@@ -20,7 +20,7 @@ from gemini_ckpt.snapshot.tree import FlatState, flatten
 
 
 class Stateful(Protocol):
-    """Anything with `state_dict()` / `load_state_dict()` (a data loader position, a sampler, ...)."""
+    """Anything with `state_dict()` / `load_state_dict()` (a data position, a sampler, ...)."""
 
     def state_dict(self) -> Any:
         """Return the object's state as plain data and tensors."""
@@ -44,8 +44,9 @@ class TrainingState:
         for optimizer in self.optimizers:
             for per_param in optimizer.state.values():
                 values = per_param.values() if isinstance(per_param, dict) else [per_param]
-                ptrs.update(v.untyped_storage().data_ptr() for v in values
-                            if isinstance(v, torch.Tensor))
+                ptrs.update(
+                    v.untyped_storage().data_ptr() for v in values if isinstance(v, torch.Tensor)
+                )
         return ptrs
 
     def capture(self, *, clone_unstable: bool) -> FlatState:
@@ -60,8 +61,9 @@ class TrainingState:
         flat = flatten(tree)
         if clone_unstable:
             stable = self.stable_storages()
-            flat.tensors = [t if t.untyped_storage().data_ptr() in stable else t.clone()
-                            for t in flat.tensors]
+            flat.tensors = [
+                t if t.untyped_storage().data_ptr() in stable else t.clone() for t in flat.tensors
+            ]
         return flat
 
     def load(self, tree: Any) -> None:
@@ -72,7 +74,11 @@ class TrainingState:
                 of optimizers, a scheduler or extra state present on one side only).
         """
         if not isinstance(tree, dict) or set(tree) != {
-            "model", "optimizers", "lr_scheduler", "extra_state", "rng"
+            "model",
+            "optimizers",
+            "lr_scheduler",
+            "extra_state",
+            "rng",
         }:
             raise RestoreError("checkpoint does not hold a Gemini training state")
         if len(tree["optimizers"]) != len(self.optimizers):
@@ -84,7 +90,7 @@ class TrainingState:
         _check_presence("extra_state", tree["extra_state"], self.extra_state)
         try:
             self.model.load_state_dict(tree["model"], strict=True)
-            for optimizer, state in zip(self.optimizers, tree["optimizers"]):
+            for optimizer, state in zip(self.optimizers, tree["optimizers"], strict=False):
                 optimizer.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError) as e:
             raise RestoreError(f"checkpoint does not fit this model/optimizer: {e}") from e

@@ -56,7 +56,7 @@ class _Encoder:
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
 
-    def encode(self, value: Any, path: str) -> JSON:  # noqa: PLR0911 - one branch per type
+    def encode(self, value: Any, path: str) -> JSON:
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, int):
@@ -72,8 +72,10 @@ class _Encoder:
         return self._encode_leaf(value, path)
 
     def _encode_dict(self, value: dict[Any, Any], path: str) -> JSON:
-        items = [[self.encode(k, f"{path}.<key>"), self.encode(v, f"{path}[{k!r}]")]
-                 for k, v in value.items()]
+        items = [
+            [self.encode(k, f"{path}.<key>"), self.encode(v, f"{path}[{k!r}]")]
+            for k, v in value.items()
+        ]
         out: dict[str, JSON] = {"__dict__": items}
         if isinstance(value, OrderedDict):
             out["ordered"] = True
@@ -133,7 +135,7 @@ class _Decoder:
             "__bytes__": base64.b64decode,
             "__dtype__": self._dtype,
             "__device__": torch.device,
-            "__size__": lambda dims: torch.Size(dims),
+            "__size__": torch.Size,
             "__npscalar__": lambda pair: np.dtype(pair[0]).type(self.decode(pair[1])),
         }
 
@@ -144,8 +146,9 @@ class _Decoder:
 
     def _ndarray(self, spec: Any) -> np.ndarray[Any, Any]:
         index, dtype, shape = spec
-        raw = self._tensor(index).numpy()
-        return raw.view(np.dtype(dtype)).reshape(shape).copy()
+        raw: np.ndarray[Any, Any] = self._tensor(index).numpy()
+        out: np.ndarray[Any, Any] = raw.view(np.dtype(dtype)).reshape(shape).copy()
+        return out
 
     @staticmethod
     def _dtype(name: Any) -> torch.dtype:
@@ -163,7 +166,7 @@ class _Decoder:
             return self._dict(node)
         if len(node) != 1:
             raise CorruptCheckpointError(f"malformed skeleton node with keys {sorted(node)}")
-        (tag, payload), = node.items()
+        ((tag, payload),) = node.items()
         if tag not in self._leaf:
             raise CorruptCheckpointError(f"unknown skeleton tag {tag!r}")
         return self._leaf[tag](payload)

@@ -1,0 +1,1 @@
+"""Where checkpoint bytes live: shared-memory slots owned by the machine agent."""

@@ -31,7 +31,9 @@ class MemoryUsage:
 
     def describe(self) -> str:
         """One line for logs and status output."""
-        return f"{format_size(self.reserved)} of {format_size(self.budget)} checkpoint memory in use"
+        return (
+            f"{format_size(self.reserved)} of {format_size(self.budget)} checkpoint memory in use"
+        )
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ class LocalStore:
             slots = self._slots(rank)
             if slots.grant(grant.step) != grant:
                 raise StoreError(f"rank {rank}'s slots changed while step {grant.step} waited")
-            # Ordering: the old manifest goes before any new byte lands, so a torn slot never has one.
+            # Ordering: the old manifest goes before any new byte lands: a torn slot never has one.
             shm.unlink(self._manifest_path(rank, grant.slot))
             slots.begin(grant)
             return self.data_path(rank, grant.slot)

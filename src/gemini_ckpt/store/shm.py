@@ -1,14 +1,15 @@
 """Files in /dev/shm that hold checkpoint bytes, owned by the machine agent.
 
-The agent creates and sizes them (with `posix_fallocate`, so tmpfs pages are reserved up front and a
-full /dev/shm is an error at allocation instead of a SIGBUS mid-copy); trainers map them with
-MAP_POPULATE so the first copy into a slot runs at warm-memory speed. Plain files are used instead of
-`multiprocessing.shared_memory`, whose resource tracker unlinks segments when an attaching process
-exits (Python < 3.13).
+The agent creates and sizes them (with `posix_fallocate`, so tmpfs pages are reserved up front
+and a full /dev/shm is an error at allocation instead of a SIGBUS mid-copy); trainers map them
+with MAP_POPULATE so the first copy into a slot runs at warm-memory speed. Plain files are used
+instead of `multiprocessing.shared_memory`, whose resource tracker unlinks segments when an
+attaching process exits (Python < 3.13).
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import warnings
@@ -59,11 +60,9 @@ class MappedRegion:
     def close(self) -> None:
         """Drop the tensor and unmap (the file itself stays)."""
         self.tensor = torch.empty(0, dtype=torch.uint8)
-        try:
+        # A view of the mapping may still be alive somewhere; then the mapping goes when it does.
+        with contextlib.suppress(BufferError):
             self.mm.close()
-        except BufferError:
-            # A view of the mapping is still alive somewhere; the mapping goes when it does.
-            pass
 
 
 def map_file(path: Path, nbytes: int, *, writable: bool) -> MappedRegion:
@@ -103,7 +102,5 @@ def _readonly(mm: mmap.mmap) -> torch.Tensor:
 
 def unlink(path: Path) -> None:
     """Remove a shared-memory file if it exists (mappings stay valid until unmapped)."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass

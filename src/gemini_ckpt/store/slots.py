@@ -110,7 +110,9 @@ class RankSlots:
         """
         current = self.slots[slot] if 0 <= slot < SLOTS_PER_RANK else None
         if current is None or current.status is not SlotStatus.WRITING:
-            raise StoreError(f"rank {self.rank} slot {slot} is not being written; nothing to commit")
+            raise StoreError(
+                f"rank {self.rank} slot {slot} is not being written; nothing to commit"
+            )
         if current.step != manifest.step:
             raise StoreError(
                 f"rank {self.rank} slot {slot} is being written for step {current.step}, "

@@ -1,0 +1,1 @@
+"""Test beds that run whole jobs on one host, machines simulated by processes."""

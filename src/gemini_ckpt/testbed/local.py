@@ -55,8 +55,12 @@ class LocalSpec:
         if not self.script.is_file():
             raise ConfigError(f"training script {self.script} does not exist")
         # Surface a bad --fault before anything starts.
-        resolve_faults([parse_fault(f) for f in self.faults], self.machines,
-                       self.nproc_per_machine, self.fault_seed)
+        resolve_faults(
+            [parse_fault(f) for f in self.faults],
+            self.machines,
+            self.nproc_per_machine,
+            self.fault_seed,
+        )
 
 
 class EventTail:
@@ -102,13 +106,33 @@ class LocalTestbed:
         """The command line that starts machine `machine`'s agent."""
         spec = self.spec
         command = [
-            sys.executable, "-m", "gemini_ckpt", "launch", "--join-store",
-            "--nnodes", str(spec.machines), "--node-rank", str(machine),
-            "--nproc-per-node", str(spec.nproc_per_machine),
-            "--master-addr", "127.0.0.1", "--master-port", str(port),
-            "--run-id", self.job_id, "--run-dir", str(self.run_dir),
-            "--snapshot-mode", spec.snapshot_mode, "--max-restarts", str(spec.max_restarts),
-            "--stop-grace", str(spec.stop_grace_s), "--fault-seed", str(spec.fault_seed),
+            sys.executable,
+            "-m",
+            "gemini_ckpt",
+            "launch",
+            "--join-store",
+            "--nnodes",
+            str(spec.machines),
+            "--node-rank",
+            str(machine),
+            "--nproc-per-node",
+            str(spec.nproc_per_machine),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "--run-id",
+            self.job_id,
+            "--run-dir",
+            str(self.run_dir),
+            "--snapshot-mode",
+            spec.snapshot_mode,
+            "--max-restarts",
+            str(spec.max_restarts),
+            "--stop-grace",
+            str(spec.stop_grace_s),
+            "--fault-seed",
+            str(spec.fault_seed),
         ]
         if spec.memory_limit:
             command += ["--memory-limit", spec.memory_limit]
@@ -122,15 +146,20 @@ class LocalTestbed:
         """Host the job store and start one agent process per machine."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._store = TCPStoreKV.host("127.0.0.1", 0)
-        env = {**os.environ, **self.spec.env}
+        env = cfg.child_env(self.spec.env)
         for machine in range(self.spec.machines):
             machine_dir = self.run_dir / f"m{machine}"
             machine_dir.mkdir(parents=True, exist_ok=True)
             with (machine_dir / "agent.log").open("wb") as log:
-                self._agents.append(subprocess.Popen(
-                    self.agent_command(machine, self._store.port), env=env,
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                ))
+                self._agents.append(
+                    subprocess.Popen(
+                        self.agent_command(machine, self._store.port),
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
 
     def poll(self) -> int | None:
         """None while agents run; their worst exit code once all have ended."""
