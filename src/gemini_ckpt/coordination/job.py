@@ -105,6 +105,7 @@ class JobCoordinator:
         """
         target = from_generation + 1
         self._set_json(f"gen{target}/reason/m{machine}", reason)
+        self._kv.compare_set(self._key("generation"), None, b"0")
         self._kv.compare_set(
             self._key("generation"), str(from_generation).encode(), str(target).encode()
         )

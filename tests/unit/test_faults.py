@@ -1,0 +1,47 @@
+import pytest
+
+from gemini_ckpt.errors import FaultSpecError
+from gemini_ckpt.faults import FaultPoint, parse_fault, resolve_faults
+
+
+def test_parse_and_resolve():
+    specs = [parse_fault("kill-worker@step=12,rank=3"),
+             parse_fault("kill-worker@step=4,machine=1,point=mid-save")]
+    faults = resolve_faults(specs, machines=2, nproc_per_machine=2)
+    assert [(f.rank, f.step, f.point) for f in faults] == [
+        (3, 12, FaultPoint.AFTER_COMMIT), (2, 4, FaultPoint.MID_SAVE)]
+
+
+def test_random_rank_is_seeded():
+    spec = [parse_fault("kill-worker@step=2,rank=random")]
+    a = resolve_faults(spec * 5, 4, 2, seed=7)
+    assert a == resolve_faults(spec * 5, 4, 2, seed=7)
+    assert {f.rank for f in a} <= set(range(8))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("kil-worker@step=1,rank=0", "unknown fault kind 'kil-worker'.*known kinds: kill-worker"),
+        ("kill-worker", "has no parameters"),
+        ("kill-worker@rank=0", "needs step=S"),
+        ("kill-worker@step=1", "exactly one of rank=R or machine=M"),
+        ("kill-worker@step=1,rank=0,machine=0", "exactly one of"),
+        ("kill-worker@step=x,rank=0", "step='x'.*not an integer"),
+        ("kill-worker@step=0,rank=0", "step=0.*>= 1"),
+        ("kill-worker@step=1,rnk=0", "unknown parameter 'rnk'"),
+        ("kill-worker@step=1,rank=0,rank=1", "given twice"),
+        ("kill-worker@step=1,rank", "malformed parameter"),
+        ("kill-worker@step=1,rank=0,point=never", "point='never' .* not one of"),
+    ],
+)
+def test_malformed_specs_name_the_problem(text, message):
+    with pytest.raises(FaultSpecError, match=message):
+        parse_fault(text)
+
+
+def test_targets_outside_the_job_are_refused():
+    with pytest.raises(FaultSpecError, match="rank=4 .* outside world size 4"):
+        resolve_faults([parse_fault("kill-worker@step=1,rank=4")], 2, 2)
+    with pytest.raises(FaultSpecError, match="machine=2 .* outside the job's 2 machines"):
+        resolve_faults([parse_fault("kill-worker@step=1,machine=2")], 2, 2)

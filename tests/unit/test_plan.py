@@ -1,0 +1,35 @@
+from gemini_ckpt.recovery.plan import FRESH_START, LOCAL_MEMORY, RestorePlan, plan_restore
+
+
+def test_newest_step_held_by_every_rank():
+    plan = plan_restore(3, 4, {0: {0: [9, 10], 1: [10, 11]}, 1: {2: [9, 10], 3: [10, 11]}})
+    assert plan.step == 10
+    assert plan.sources == dict.fromkeys(range(4), LOCAL_MEMORY)
+    assert plan.reason == (
+        "step 10 is the newest step held in local memory by all 4 ranks; "
+        "ranks [1, 3] also hold newer steps, discarded"
+    )
+
+
+def test_a_rank_one_step_behind_pulls_everyone_back():
+    plan = plan_restore(1, 2, {0: {0: [4, 5]}, 1: {1: [3, 4]}})
+    assert plan.step == 4
+
+
+def test_fresh_start_when_nothing_is_held():
+    plan = plan_restore(0, 2, {})
+    assert plan.step is None
+    assert plan.sources == {0: FRESH_START, 1: FRESH_START}
+    assert "fresh start" in plan.reason
+
+
+def test_no_common_step_is_explained():
+    plan = plan_restore(2, 3, {0: {0: [5, 6], 1: [6]}, 1: {}})
+    assert plan.step is None
+    assert "no step is held by every rank" in plan.reason
+    assert "ranks without a checkpoint: [2]" in plan.reason
+
+
+def test_plan_roundtrip():
+    plan = plan_restore(3, 2, {0: {0: [1], 1: [1]}})
+    assert RestorePlan.from_dict(plan.to_dict()) == plan
