@@ -19,6 +19,9 @@ _COMMAND_MODULES = (
     "gemini_ckpt.cli.launch_cmd",
     "gemini_ckpt.cli.local_cmd",
     "gemini_ckpt.cli.demo_cmd",
+    "gemini_ckpt.cli.simulate_cmd",
+    "gemini_ckpt.cli.recommend_cmd",
+    "gemini_ckpt.cli.placement_cmd",
 )
 
 
