@@ -19,7 +19,7 @@ from gemini_ckpt.errors import ConfigError, PlacementError, SimulationError
 from gemini_ckpt.sim import paper, plots, stress
 from gemini_ckpt.sim.analytic import analyze_all, gemini_placement
 from gemini_ckpt.sim.measured import apply_measurements, load_measurements
-from gemini_ckpt.sim.montecarlo import MonteCarloConfig, simulate
+from gemini_ckpt.sim.montecarlo import WASTE, MonteCarloConfig, MonteCarloResult, simulate
 from gemini_ckpt.sim.params import Scenario
 from gemini_ckpt.sim.report import (
     analysis_rows,
@@ -242,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{mc.confidence:.0%} CI):"
             )
             print(_mc_table(monte_carlo_rows(results), mc.confidence))
+            print("\nWasted minutes per day, by cause (Monte Carlo):")
+            print(_waste_table(results))
     if args.plot and results:
         _wrote(args, [plots.plot_breakdown(results, args.plot)])
     return 0
@@ -251,6 +253,11 @@ def _wrote(args: argparse.Namespace, paths: list[Path]) -> None:
     """Name the files written: on stderr when stdout carries JSON."""
     for path in paths:
         print(f"wrote {path}", file=sys.stderr if args.output == "json" else sys.stdout)
+
+
+def _waste_table(results: tuple[MonteCarloResult, ...]) -> str:
+    rows = [[r.name, *(r.waste_per_day_s[k] / 60 for k in WASTE)] for r in results]
+    return render_table(["strategy", *WASTE], rows)
 
 
 def _mc_table(rows: list[dict[str, Any]], confidence: float) -> str:

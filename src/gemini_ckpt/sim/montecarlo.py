@@ -22,6 +22,7 @@ import math
 import random
 import statistics
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from gemini_ckpt.errors import SimulationError
@@ -190,13 +191,8 @@ class _Run:
         return now, max(newest, self.progress)
 
     def _choose_source(self, restore_point: float) -> tuple[str, float]:
-        timing = self.timing
-        if not timing.in_memory:
-            return "storage", restore_point
-        placement = timing.placement
-        if placement is not None and placement.lost_checkpoints(self.unrepaired):
-            return "persistent", self.persisted
-        return ("peer" if self.unrepaired else "local"), restore_point
+        source, _ = recovery_source(self.timing, self.unrepaired)
+        return source, self.persisted if source == "persistent" else restore_point
 
     def _plan(self, source: str) -> tuple[tuple[str, float], ...]:
         r = self.timing.recovery
@@ -210,6 +206,31 @@ class _Run:
         replacement = r.replacement_s if self.unrepaired else 0.0
         durations = (r.detection_s, serialization, replacement, retrieval, r.restart_s)
         return tuple(zip(PHASES, durations, strict=True))
+
+
+def recovery_source(timing: StrategyTiming, lost: Iterable[int]) -> tuple[str, str]:
+    """Where recovery restores from, and why: the policy the simulator applies at each failure.
+
+    Args:
+        timing: The strategy (Gemini's carries its placement).
+        lost: Machines whose memory is gone since training last resumed.
+
+    Returns:
+        (`local` | `peer` | `persistent` | `storage`, reason).
+    """
+    down = sorted(set(lost))
+    if not timing.in_memory:
+        return "storage", f"{timing.name} keeps its checkpoints in remote storage only"
+    if not down:
+        return "local", "no machine lost its memory: every machine restores its own copy"
+    gone = timing.placement.lost_checkpoints(down) if timing.placement else ()
+    if gone:
+        holders = timing.placement.holders_of(gone[0]) if timing.placement else ()
+        return "persistent", (
+            f"machine {gone[0]}'s holders {list(holders)} are all among the lost {down}: "
+            "roll back to the persistent checkpoint"
+        )
+    return "peer", f"lost machines {down} fetch their checkpoints from surviving group peers"
 
 
 def _grid_floor(value: float, step: float) -> float:

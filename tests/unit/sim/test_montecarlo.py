@@ -12,7 +12,13 @@ from gemini_ckpt.errors import SimulationError
 from gemini_ckpt.sim import paper, stress
 from gemini_ckpt.sim.analytic import analyze, analyze_all, gemini_timing, strategy_timings
 from gemini_ckpt.sim.failures import FailureEvent, failure_events
-from gemini_ckpt.sim.montecarlo import WASTE, MonteCarloConfig, simulate, simulate_run
+from gemini_ckpt.sim.montecarlo import (
+    WASTE,
+    MonteCarloConfig,
+    recovery_source,
+    simulate,
+    simulate_run,
+)
 from gemini_ckpt.sim.params import DAY_S, FailureSpec, GeminiSpec, RecoveryTimes, Scenario
 
 SMALL = MonteCarloConfig(days=30, runs=20, seed=7)
@@ -100,6 +106,20 @@ def test_fallback_only_when_a_whole_holder_set_is_lost() -> None:
     assert _one_run(s, software)["sources"] == {"local": 2}
     lost = _one_run(s, same)["waste"]["lost"]
     assert lost == pytest.approx(40_000 - 3 * 3 * 3600)  # back to the persistent one of 9 h
+
+
+def test_recovery_source_policy_explains_itself() -> None:
+    s = replace(paper.paper_scenario(), gemini=GeminiSpec(replicas=2))
+    gemini, strawman, _ = strategy_timings(s)
+    assert recovery_source(gemini, []) == (
+        "local",
+        "no machine lost its memory: every machine restores its own copy",
+    )
+    assert recovery_source(gemini, [0, 2])[0] == "peer"
+    source, reason = recovery_source(gemini, [3, 2])
+    assert source == "persistent"
+    assert reason.startswith("machine 2's holders [2, 3] are all among the lost [2, 3]")
+    assert recovery_source(strawman, [0, 1])[0] == "storage"
 
 
 def test_a_domain_event_wipes_a_group_in_one_rack() -> None:
