@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gemini_ckpt.agent.embedded import EmbeddedAgent  # noqa: E402
-from gemini_ckpt.config import shm_root  # noqa: E402
+from gemini_ckpt.agent.embedded import EmbeddedAgent
+from gemini_ckpt.config import shm_root
 
 
 @pytest.fixture

@@ -27,9 +27,15 @@ def make_model(width: int = 32) -> nn.Module:
     """A model with parameters, buffers (batch norm) and dropout (so RNG state matters)."""
     torch.manual_seed(0)
     head = nn.Linear(width, 16)
-    model = nn.Sequential(nn.Embedding(16, width), nn.Flatten(), nn.Linear(width * 4, width),
-                          nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(0.2), head)
-    return model
+    return nn.Sequential(
+        nn.Embedding(16, width),
+        nn.Flatten(),
+        nn.Linear(width * 4, width),
+        nn.BatchNorm1d(width),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        head,
+    )
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, position: Position) -> float:
@@ -43,14 +49,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, position: Pos
     optimizer.step()
     position.history.append(position.index)
     position.index += 1
-    return float(loss)
+    return float(loss.detach())
 
 
 def state_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Deep copies of model and optimizer state for comparisons."""
     import copy
 
-    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict())}
+    return {
+        "model": copy.deepcopy(model.state_dict()),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+    }
 
 
 def assert_same(a: Any, b: Any, path: str = "state") -> None:

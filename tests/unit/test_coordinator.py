@@ -10,7 +10,11 @@ from gemini_ckpt.errors import CoordinationError
 
 def pair():
     kv = MemoryKV()
-    return kv, JobCoordinator(kv, "job", 2, poll_s=0.001), JobCoordinator(kv, "job", 2, poll_s=0.001)
+    return (
+        kv,
+        JobCoordinator(kv, "job", 2, poll_s=0.001),
+        JobCoordinator(kv, "job", 2, poll_s=0.001),
+    )
 
 
 def test_join_is_a_barrier():

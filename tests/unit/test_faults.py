@@ -5,11 +5,15 @@ from gemini_ckpt.faults import FaultPoint, parse_fault, resolve_faults
 
 
 def test_parse_and_resolve():
-    specs = [parse_fault("kill-worker@step=12,rank=3"),
-             parse_fault("kill-worker@step=4,machine=1,point=mid-save")]
+    specs = [
+        parse_fault("kill-worker@step=12,rank=3"),
+        parse_fault("kill-worker@step=4,machine=1,point=mid-save"),
+    ]
     faults = resolve_faults(specs, machines=2, nproc_per_machine=2)
     assert [(f.rank, f.step, f.point) for f in faults] == [
-        (3, 12, FaultPoint.AFTER_COMMIT), (2, 4, FaultPoint.MID_SAVE)]
+        (3, 12, FaultPoint.AFTER_COMMIT),
+        (2, 4, FaultPoint.MID_SAVE),
+    ]
 
 
 def test_random_rank_is_seeded():

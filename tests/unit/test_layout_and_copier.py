@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -8,8 +10,15 @@ from gemini_ckpt.snapshot.layout import plan_layout, signature
 
 def tensors():
     shared = torch.randn(1000)
-    return [torch.randn(3, 7), shared, torch.arange(10, dtype=torch.int64), shared,
-            torch.randn(5000).to(torch.bfloat16), torch.tensor(True), torch.randn(0)]
+    return [
+        torch.randn(3, 7),
+        shared,
+        torch.arange(10, dtype=torch.int64),
+        shared,
+        torch.randn(5000).to(torch.bfloat16),
+        torch.tensor(True),
+        torch.randn(0),
+    ]
 
 
 def test_layout_aligns_and_deduplicates():
@@ -20,7 +29,7 @@ def test_layout_aligns_and_deduplicates():
     for entry in layout.entries:
         assert entry.offset % ALIGNMENT == 0
     ends = sorted((e.offset, e.offset + e.nbytes) for e in layout.entries)
-    for (_, end), (start, _) in zip(ends, ends[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(ends):
         assert end <= start
     assert layout.data_nbytes % ALIGNMENT == 0
 
@@ -45,7 +54,7 @@ def test_signature_changes_with_shapes_and_sharing():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_copy_produces_checksums_of_the_destination(threads):
-    ts = tensors() + [torch.randn(64, 64).t()]  # one non-contiguous source
+    ts = [*tensors(), torch.randn(64, 64).t()]  # one non-contiguous source
     layout = plan_layout(ts, chunk_size=4096)
     sources = [None] * len(layout.entries)
     for tensor, ref in zip(ts, layout.tensor_refs, strict=True):

@@ -11,9 +11,17 @@ from gemini_ckpt.protocol.messages import parse_request
 
 def manifest(**overrides):
     fields = dict(
-        job="j", rank=0, world_size=2, step=3, generation=0, chunk_size=128, data_nbytes=256,
-        chunk_digests=("a" * 16, "b" * 16), entries=(TensorEntry("float32", (8, 8), 0, 256),),
-        tensor_refs=(0,), skeleton={"__tensor__": 0},
+        job="j",
+        rank=0,
+        world_size=2,
+        step=3,
+        generation=0,
+        chunk_size=128,
+        data_nbytes=256,
+        chunk_digests=("a" * 16, "b" * 16),
+        entries=(TensorEntry("float32", (8, 8), 0, 256),),
+        tensor_refs=(0,),
+        skeleton={"__tensor__": 0},
     )
     fields.update(overrides)
     return Manifest(**fields)

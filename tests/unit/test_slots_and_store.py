@@ -9,10 +9,19 @@ from gemini_ckpt.store.slots import RankSlots, WriteGrant
 
 
 def manifest(step, rank=0, nbytes=64):
-    return Manifest(job="j", rank=rank, world_size=2, step=step, generation=0, chunk_size=64,
-                    data_nbytes=nbytes, chunk_digests=("0" * 16,) * (-(-nbytes // 64)),
-                    entries=(TensorEntry("uint8", (nbytes,), 0, nbytes),), tensor_refs=(0,),
-                    skeleton={"__tensor__": 0})
+    return Manifest(
+        job="j",
+        rank=rank,
+        world_size=2,
+        step=step,
+        generation=0,
+        chunk_size=64,
+        data_nbytes=nbytes,
+        chunk_digests=("0" * 16,) * (-(-nbytes // 64)),
+        entries=(TensorEntry("uint8", (nbytes,), 0, nbytes),),
+        tensor_refs=(0,),
+        skeleton={"__tensor__": 0},
+    )
 
 
 def test_writes_alternate_and_keep_the_newest_complete_step():
@@ -59,7 +68,9 @@ def test_store_budget_error_says_what_does_not_fit(tmp_path):
     store.start()
     try:
         assert store.allocate(0, 1 << 20) == 1 << 20
-        with pytest.raises(MemoryBudgetError, match=r"rank 1 needs 2 slots of 2\.00 MiB.*budget is 5\.00 MiB"):
+        with pytest.raises(
+            MemoryBudgetError, match=r"rank 1 needs 2 slots of 2\.00 MiB.*budget is 5\.00 MiB"
+        ):
             store.allocate(1, 2 << 20)
         assert store.usage().reserved == 2 << 20
     finally:

@@ -44,8 +44,17 @@ def test_nan_roundtrips():
 
 @pytest.mark.parametrize(
     "dtype",
-    [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int64,
-     torch.bool, torch.complex64, torch.uint8],
+    [
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int8,
+        torch.int64,
+        torch.bool,
+        torch.complex64,
+        torch.uint8,
+    ],
 )
 def test_tensors_of_any_dtype(dtype):
     t = (torch.randn(3, 5) * 10).to(dtype)
@@ -75,7 +84,12 @@ def test_ordered_dict_keeps_module_metadata():
 
 def test_numpy_arrays_and_scalars():
     state = np.random.RandomState(5).get_state()
-    value = {"np": state, "f": np.float32(1.5), "i": np.int64(-3), "u32": np.arange(5, dtype=np.uint32)}
+    value = {
+        "np": state,
+        "f": np.float32(1.5),
+        "i": np.int64(-3),
+        "u32": np.arange(5, dtype=np.uint32),
+    }
     out = roundtrip(value)
     assert out["np"][0] == "MT19937"
     np.testing.assert_array_equal(out["np"][1], state[1])
@@ -105,8 +119,13 @@ def test_shared_tensor_is_referenced_twice():
 
 @pytest.mark.parametrize(
     "skeleton",
-    [{"__tensor__": 5}, {"__weird__": 1}, {"__dtype__": "not_a_dtype"}, {"a": 1, "b": 2},
-     {"__dict__": [[{"__dict__": []}, 1]]}],
+    [
+        {"__tensor__": 5},
+        {"__weird__": 1},
+        {"__dtype__": "not_a_dtype"},
+        {"a": 1, "b": 2},
+        {"__dict__": [[{"__dict__": []}, 1]]},
+    ],
 )
 def test_malformed_skeleton_is_a_corrupt_checkpoint(skeleton):
     with pytest.raises(CorruptCheckpointError):

@@ -78,10 +78,8 @@ class EmbeddedAgent:
             self.store.abort_writes(rank)
         self.generation += 1
         plan = plan_restore(self.generation, self.config.world_size, {0: self.store.inventory()})
-        if plan.step is None:
-            self.store.truncate_after(-1)
-        else:
-            self.store.truncate_after(plan.step)
+        self.store.truncate_after(plan.step if plan.step is not None else -1)
+        self.coordinator.publish_plan(self.generation, plan.to_dict(), {})
         self.service.open_generation(self.generation, plan)
         return plan
 

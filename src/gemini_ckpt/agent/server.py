@@ -131,7 +131,8 @@ class ControlServer:
             reply = ok_reply(request.id, **self._handler(request, state))
         except FramingBroken as e:
             log.warning("closing a control connection: %s", e)
-            self._try_send(conn, error_reply(0, e))
+            if self._try_send(conn, error_reply(0, e)):
+                _linger_close(conn)
             return False
         except GeminiError as e:
             reply = error_reply(request_id, e)
@@ -149,6 +150,17 @@ class ControlServer:
         except (OSError, ProtocolError):
             return False
         return True
+
+
+def _linger_close(conn: socket.socket, drain_s: float = 0.5) -> None:
+    """End our side and discard what the peer still sends, so it reads our reply, not a reset."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(drain_s)
+        while conn.recv(65536):
+            pass
+    except OSError:
+        pass
 
 
 def _same_user(conn: socket.socket) -> bool:
