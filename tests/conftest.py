@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +12,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Checkpoint memory of this test session (and of the agents it starts) goes into a directory of its
+# own, so a leak check never sees another session's segments.
+SHM_ROOT = Path("/dev/shm") / f"gemini-tests-{os.getpid()}"
+os.environ["GEMINI_SHM_DIR"] = str(SHM_ROOT)
 
 from gemini_ckpt.agent.embedded import EmbeddedAgent
 from gemini_ckpt.config import shm_root
@@ -22,11 +29,19 @@ def agent(tmp_path: Path) -> Iterator[EmbeddedAgent]:
         yield a
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_shm_root() -> Iterator[None]:
+    SHM_ROOT.mkdir(parents=True, exist_ok=True)
+    yield
+    shutil.rmtree(SHM_ROOT, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_shared_memory() -> Iterator[None]:
-    before = {p.name for p in shm_root().glob("gemini-*")}
+    assert shm_root() == SHM_ROOT
+    before = {p.name for p in SHM_ROOT.iterdir()}
     yield
-    leaked = {p.name for p in shm_root().glob("gemini-*")} - before
+    leaked = {p.name for p in SHM_ROOT.iterdir()} - before
     assert not leaked, f"shared memory left behind: {sorted(leaked)}"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from gemini_ckpt.agent.fault_injector import FaultInjector
@@ -212,7 +212,7 @@ class TrainerService:
             "step": plan.step,
             "source": source,
             "path": str(ref.path),
-            "manifest": request_manifest(ref.manifest),
+            "manifest": ref.manifest.to_dict(),
         }
 
     def _restored(self, request: Request, _conn: Connection) -> dict[str, Any]:
@@ -258,8 +258,3 @@ class TrainerService:
             "reserved": usage.reserved,
             "inventory": {str(r): s for r, s in self._store.inventory().items()},
         }
-
-
-def request_manifest(manifest: Manifest) -> dict[str, Any]:
-    """A manifest as a JSON-ready dict for a reply."""
-    return asdict(manifest)

@@ -9,7 +9,7 @@ on a peer, on disk) can be verified before a single byte is loaded.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from gemini_ckpt.errors import CorruptCheckpointError
@@ -59,9 +59,18 @@ class Manifest:
         start = index * self.chunk_size
         return start, min(start + self.chunk_size, self.data_nbytes)
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (shares the skeleton instead of copying it, unlike `asdict`)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["entries"] = [
+            {"dtype": e.dtype, "shape": list(e.shape), "offset": e.offset, "nbytes": e.nbytes}
+            for e in self.entries
+        ]
+        return out
+
     def to_json(self) -> str:
         """Serialise as compact JSON (the on-wire and on-disk form)."""
-        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False)
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Manifest:

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,22 @@ class SaveTiming:
     wait_s: float = 0.0
     """Time the optimizer step waited for the previous save's background copy."""
     copy_s: float = 0.0
-    """Duration of the copy + checksum + commit (in the background when overlapped)."""
+    """Duration of the copy (with checksums when overlapped; in the background then)."""
+    checksum_s: float = 0.0
+    """Checksumming after the copy (sync mode; in the background, before the commit)."""
     iteration_s: float = 0.0
     """Time since the previous `save()` call."""
     extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A slot holding a copied state, not yet committed."""
+
+    slot: int
+    job: str
+    region: MappedRegion
+    digests: dict[int, str]
 
 
 @dataclass
@@ -208,8 +220,11 @@ class Checkpointer:
     def save(self, step: int, *, metrics: Mapping[str, float] | None = None) -> None:
         """Checkpoint the state that now belongs to `step` (call after `optimizer.step()`).
 
-        Returns once the small state is captured; tensor bytes are copied in the background
-        (overlapped mode) or before returning (sync mode).
+        Overlapped mode returns once the small state is captured; tensor bytes are copied and
+        checksummed in the background before the next optimizer step. Sync mode returns once the
+        bytes are copied; checksums and the commit follow in the background. Either way the
+        checkpoint becomes visible (committed) a little after `save()` returns; `wait()` waits
+        for that.
 
         Raises:
             SnapshotError: `step` does not increase, or the state holds an unsupported value.
@@ -236,9 +251,16 @@ class Checkpointer:
         timing.capture_s = time.monotonic() - entered
         self.last_save = timing
         if overlapped:
-            self._pending = session.jobs.submit(self._write, session, flat, layout, ready, timing)
+            self._pending = session.jobs.submit(
+                self._save_job, session, flat, layout, ready, timing
+            )
         else:
-            self._write(session, flat, layout, ready, timing)
+            # Sync mode: the bytes are copied before save() returns, so the state may change
+            # right away; checksums and the commit follow in the background.
+            written = self._write(session, flat, layout, ready, timing)
+            self._pending = session.jobs.submit(
+                self._commit, session, flat, layout, written, timing
+            )
 
     def wait(self) -> None:
         """Block until the background save (if any) is committed; re-raise its failure."""
@@ -256,33 +278,68 @@ class Checkpointer:
             self._layout = plan_layout(flat.tensors, chunk_size)
         return self._layout
 
-    def _write(
+    def _save_job(
         self, session: _Session, flat: FlatState, layout: Layout, ready: Any, timing: SaveTiming
     ) -> None:
-        client, config, copier, step = session.client, session.config, session.copier, timing.step
+        written = self._write(session, flat, layout, ready, timing)
+        self._commit(session, flat, layout, written, timing)
+
+    def _write(
+        self, session: _Session, flat: FlatState, layout: Layout, ready: Any, timing: SaveTiming
+    ) -> _Written:
+        """Claim a slot and copy the state into it (with checksums if overlapped)."""
+        client, config, step = session.client, session.config, timing.step
         started = time.monotonic()
         if layout.data_nbytes > self._capacity:
-            self._capacity = int(
-                client.request("allocate", rank=config.rank, nbytes=layout.data_nbytes)["capacity"]
-            )
+            reply = client.request("allocate", rank=config.rank, nbytes=layout.data_nbytes)
+            self._capacity = int(reply["capacity"])
         grant = client.request("begin", rank=config.rank, step=step)
+        checksum = config.snapshot_mode == "overlapped"
         try:
             region = self._region(int(grant["slot"]), Path(grant["path"]))
             sources = _entry_sources(flat, layout)
             chunks = range(layout.num_chunks)
-            half = len(chunks) // 2
-            digests = copier.copy(layout, sources, region.tensor, chunks[:half], ready)
-            if session.failpoints.get(FaultPoint.MID_SAVE.value) == step:
-                client.request(
-                    "failpoint", rank=config.rank, name=FaultPoint.MID_SAVE.value, step=step
+            # An armed mid-save fault point splits the copy in two and fires in between.
+            armed = session.failpoints.get(FaultPoint.MID_SAVE.value) == step
+            parts = [chunks[: len(chunks) // 2], chunks[len(chunks) // 2 :]] if armed else [chunks]
+            digests: dict[int, str] = {}
+            for index, part in enumerate(parts):
+                if index == 1:
+                    client.request(
+                        "failpoint", rank=config.rank, name=FaultPoint.MID_SAVE.value, step=step
+                    )
+                digests.update(
+                    session.copier.copy(layout, sources, region.tensor, part, ready,
+                                        checksum=checksum)
                 )
-            digests.update(copier.copy(layout, sources, region.tensor, chunks[half:], ready))
         except BaseException as e:
-            client.request("abort", rank=config.rank, step=step, reason=f"{type(e).__name__}: {e}")
+            self._abort(session, step, e)
             raise
         timing.copy_s = time.monotonic() - started
+        return _Written(int(grant["slot"]), str(grant.get("job", "")), region, digests)
+
+    def _commit(
+        self,
+        session: _Session,
+        flat: FlatState,
+        layout: Layout,
+        written: _Written,
+        timing: SaveTiming,
+    ) -> None:
+        """Checksum what is not checksummed yet, then make the checkpoint visible."""
+        config, step = session.config, timing.step
+        started = time.monotonic()
+        try:
+            digests = written.digests
+            if len(digests) < layout.num_chunks:
+                data = written.region.view()[: layout.data_nbytes]
+                digests = dict(enumerate(session.copier.digests(layout.chunk_size, data)))
+        except BaseException as e:
+            self._abort(session, step, e)
+            raise
+        timing.checksum_s = time.monotonic() - started
         manifest = Manifest(
-            job=str(grant.get("job", "")),
+            job=written.job,
             rank=config.rank,
             world_size=config.world_size,
             step=step,
@@ -294,12 +351,17 @@ class Checkpointer:
             tensor_refs=layout.tensor_refs,
             skeleton=flat.skeleton,
         )
-        client.request(
+        session.client.request(
             "commit",
             rank=config.rank,
-            slot=int(grant["slot"]),
-            manifest=asdict(manifest),
+            slot=written.slot,
+            manifest=manifest.to_dict(),
             timing=_timing_dict(timing, config),
+        )
+
+    def _abort(self, session: _Session, step: int, error: BaseException) -> None:
+        session.client.request(
+            "abort", rank=session.config.rank, step=step, reason=f"{type(error).__name__}: {error}"
         )
 
     def _region(self, slot: int, path: Path) -> MappedRegion:

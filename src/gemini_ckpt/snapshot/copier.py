@@ -16,6 +16,10 @@ import torch
 import xxhash
 
 from gemini_ckpt.snapshot.layout import Layout
+from gemini_ckpt.snapshot.omp import use_one_openmp_thread
+
+# Pieces a copy thread moves before hashing them: small enough to still be in cache when hashed.
+PIECE = 1 << 20
 
 
 def digest(view: memoryview) -> str:
@@ -45,7 +49,9 @@ class ChunkCopier:
     def start(self) -> ThreadPoolExecutor:
         """Create the worker pool (idempotent) and return it."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="gemini-copy")
+            self._pool = ThreadPoolExecutor(
+                self._threads, thread_name_prefix="gemini-copy", initializer=use_one_openmp_thread
+            )
         return self._pool
 
     def close(self) -> None:
@@ -61,13 +67,23 @@ class ChunkCopier:
         region: torch.Tensor,
         chunks: range,
         ready: torch.cuda.Event | None = None,
+        *,
+        checksum: bool = True,
     ) -> dict[int, str]:
-        """Copy the pieces of `chunks` from `sources` (one per entry) into `region`; return digests.
+        """Copy the pieces of `chunks` from `sources` (one per entry) into `region`.
 
+        Returns the chunks' digests, or nothing when `checksum` is False (see `digests`).
         `ready`, for CUDA sources, is an event recorded on the training stream after the state was
         produced; the copies wait for it.
         """
-        view = memoryview(region.numpy())  # type: ignore[arg-type]
+        if not checksum and self._torch_parallel_enough(sources):
+            # torch spreads each large copy over its own intra-op threads already.
+            for chunk in chunks:
+                for seg in layout.chunks[chunk]:
+                    src = as_bytes(sources[seg.entry])[seg.src_start : seg.src_start + seg.length]
+                    region[seg.dst_offset : seg.dst_offset + seg.length].copy_(src)
+            return {}
+        view = memoryview(region.numpy()) if checksum else None  # type: ignore[arg-type]
         spans = _split(chunks, self._threads)
         pool = self.start()
         futures = [
@@ -78,21 +94,28 @@ class ChunkCopier:
             digests.update(future.result())
         return digests
 
-    def verify(self, layout_digests: Sequence[str], chunk_size: int, data: memoryview) -> list[int]:
-        """Return the indices of chunks of `data` whose checksum differs from `layout_digests`."""
-        total = len(data)
-        spans = _split(range(len(layout_digests)), self._threads)
+    def _torch_parallel_enough(self, sources: Sequence[torch.Tensor]) -> bool:
+        return torch.get_num_threads() >= self._threads and not any(s.is_cuda for s in sources)
 
-        def check(run: range) -> list[int]:
-            bad = []
-            for i in run:
-                chunk = data[i * chunk_size : min((i + 1) * chunk_size, total)]
-                if digest(chunk) != layout_digests[i]:
-                    bad.append(i)
-            return bad
+    def digests(self, chunk_size: int, data: memoryview) -> list[str]:
+        """The digest of every `chunk_size` chunk of `data`, computed by all copy threads."""
+        total = len(data)
+        spans = _split(range(-(-total // chunk_size)), self._threads)
+
+        def run(indices: range) -> list[str]:
+            return [
+                digest(data[i * chunk_size : min((i + 1) * chunk_size, total)]) for i in indices
+            ]
 
         pool = self.start()
-        return sorted(i for f in [pool.submit(check, run) for run in spans] for i in f.result())
+        return [d for future in [pool.submit(run, r) for r in spans] for d in future.result()]
+
+    def verify(self, layout_digests: Sequence[str], chunk_size: int, data: memoryview) -> list[int]:
+        """Return the indices of chunks of `data` whose checksum differs from `layout_digests`."""
+        actual = self.digests(chunk_size, data)
+        if len(actual) != len(layout_digests):
+            return list(range(max(len(actual), len(layout_digests))))
+        return [i for i, (a, b) in enumerate(zip(actual, layout_digests, strict=True)) if a != b]
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         key = threading.get_ident()
@@ -106,29 +129,57 @@ class ChunkCopier:
         layout: Layout,
         sources: Sequence[torch.Tensor],
         region: torch.Tensor,
-        view: memoryview,
+        view: memoryview | None,
         run: range,
         ready: torch.cuda.Event | None,
     ) -> dict[int, str]:
         flat: dict[int, torch.Tensor] = {}
         out: dict[int, str] = {}
         for chunk in run:
-            cuda_event = None
             for seg in layout.chunks[chunk]:
-                src = flat.get(seg.entry)
-                if src is None:
-                    src = flat[seg.entry] = as_bytes(sources[seg.entry])
-                dst = region[seg.dst_offset : seg.dst_offset + seg.length]
-                piece = src[seg.src_start : seg.src_start + seg.length]
-                if piece.is_cuda:
-                    cuda_event = self._copy_from_device(dst, piece, ready)
-                else:
-                    dst.copy_(piece)
-            if cuda_event is not None:
-                cuda_event.synchronize()
-            start, end = layout.chunk_range(chunk)
-            out[chunk] = digest(view[start:end])
+                if seg.entry not in flat:
+                    flat[seg.entry] = as_bytes(sources[seg.entry])
+            digest_ = self._copy_chunk(layout, chunk, flat, region, view, ready)
+            if digest_ is not None:
+                out[chunk] = digest_
         return out
+
+    def _copy_chunk(
+        self,
+        layout: Layout,
+        chunk: int,
+        flat: dict[int, torch.Tensor],
+        region: torch.Tensor,
+        view: memoryview | None,
+        ready: torch.cuda.Event | None,
+    ) -> str | None:
+        """Copy one chunk's pieces; hash the chunk (bytes in order, padding included) if `view`."""
+        start, end = layout.chunk_range(chunk)
+        hasher = xxhash.xxh3_64()
+        hashed = start
+        device_event = None
+        # Without checksums there is nothing to keep in cache: copy each segment in one go.
+        piece_size = PIECE if view is not None else layout.chunk_size
+        for seg in layout.chunks[chunk]:
+            for offset in range(0, seg.length, piece_size):
+                length = min(piece_size, seg.length - offset)
+                dst_start = seg.dst_offset + offset
+                dst = region[dst_start : dst_start + length]
+                piece = flat[seg.entry][seg.src_start + offset : seg.src_start + offset + length]
+                if piece.is_cuda:
+                    device_event = self._copy_from_device(dst, piece, ready)
+                    continue
+                dst.copy_(piece)
+                if device_event is None and view is not None:
+                    # Hash what was just written while it is still in cache.
+                    hasher.update(view[hashed : dst_start + length])
+                    hashed = dst_start + length
+        if device_event is not None:
+            device_event.synchronize()
+        if view is None:
+            return None
+        hasher.update(view[hashed:end])
+        return str(hasher.hexdigest())
 
     def _copy_from_device(
         self, dst: torch.Tensor, piece: torch.Tensor, ready: torch.cuda.Event | None
