@@ -76,3 +76,27 @@ def test_copy_produces_checksums_of_the_destination(threads):
         assert copier.verify(ordered, 4096, view) == [1]
     finally:
         copier.close()
+
+
+@pytest.mark.parametrize("torch_threads", [1, 2])
+def test_copy_without_checksums_then_digests(torch_threads):
+    ts = [*tensors(), torch.randn(64, 64).t()]
+    layout = plan_layout(ts, chunk_size=4096)
+    sources = [None] * len(layout.entries)
+    for tensor, ref in zip(ts, layout.tensor_refs, strict=True):
+        sources[ref] = sources[ref] if sources[ref] is not None else tensor
+    region = torch.zeros(layout.data_nbytes, dtype=torch.uint8)
+    copier = ChunkCopier(2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)  # 2: torch copies in the calling thread; 1: copy threads
+    try:
+        assert copier.copy(layout, sources, region, range(layout.num_chunks), checksum=False) == {}
+        for entry, src in zip(layout.entries, sources, strict=True):
+            stored = region[entry.offset : entry.offset + entry.nbytes]
+            assert torch.equal(stored, src.contiguous().reshape(-1).view(torch.uint8))
+        view = memoryview(region.numpy())
+        digests = copier.digests(4096, view)
+        assert digests == [digest(view[i * 4096 : (i + 1) * 4096]) for i in range(layout.num_chunks)]
+    finally:
+        torch.set_num_threads(before)
+        copier.close()

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from gemini_ckpt.cli.launch_cmd import env_or as env
 from gemini_ckpt.cli.local_cmd import run_testbed
 from gemini_ckpt.cli.progress import summary_lines
 from gemini_ckpt.demo import final_state, train_gpt
@@ -25,15 +26,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="kill a trainer mid-run and recover exactly (about a minute)",
         description=__doc__,
     )
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=int(env("DEMO_STEPS", "40")),
+        help="training steps (default 40)",
+    )
     p.add_argument(
         "--fault",
-        default="kill-worker@step=20,rank=1",
+        default=env("DEMO_FAULT", "kill-worker@step=20,rank=1"),
         help="the fault to inject (default: kill-worker@step=20,rank=1)",
     )
-    p.add_argument("--machines", type=int, default=2)
-    p.add_argument("--nproc-per-machine", type=int, default=2)
-    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument("--machines", type=int, default=int(env("MACHINES", "2")))
+    p.add_argument("--nproc-per-machine", type=int, default=int(env("NPROC_PER_MACHINE", "2")))
+    p.add_argument("-o", "--output", choices=["table", "json"], default=env("OUTPUT", "table"))
     p.set_defaults(run=run)
 
 

@@ -23,8 +23,12 @@ from gemini_ckpt.faults import parse_fault, resolve_faults
 from gemini_ckpt.observability.events import EventLog
 
 
-def _env(name: str, fallback: str) -> str:
+def env_or(name: str, fallback: str) -> str:
+    """The value of the flag's `GEMINI_<NAME>` environment twin, or `fallback`."""
     return cfg.env_default(f"GEMINI_{name}", fallback) or fallback
+
+
+_env = env_or
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:

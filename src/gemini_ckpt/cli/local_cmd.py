@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from gemini_ckpt.cli.launch_cmd import add_common_options
+from gemini_ckpt.cli.launch_cmd import env_or as env
 from gemini_ckpt.cli.progress import event_line, summary_lines
 from gemini_ckpt.observability.summary import RunSummary
 from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
@@ -19,13 +20,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser(
         "local", help="run a job on N simulated machines on this host", description=__doc__
     )
-    p.add_argument("--machines", type=int, default=2, help="simulated machines (default 2)")
     p.add_argument(
-        "--nproc-per-machine", type=int, default=2, help="trainer processes per machine (default 2)"
+        "--machines",
+        type=int,
+        default=int(env("MACHINES", "2")),
+        help="simulated machines (default 2)",
     )
-    p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     p.add_argument(
-        "-o", "--output", choices=["table", "json"], default="table", help="summary format"
+        "--nproc-per-machine",
+        type=int,
+        default=int(env("NPROC_PER_MACHINE", "2")),
+        help="trainer processes per machine (default 2)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=float(env("TIMEOUT", "3600")),
+        help="give up after this many seconds",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default=env("OUTPUT", "table"),
+        help="summary format",
     )
     add_common_options(p)
     p.set_defaults(run=run)

@@ -77,11 +77,11 @@ class ChunkCopier:
         produced; the copies wait for it.
         """
         if not checksum and self._torch_parallel_enough(sources):
-            # torch spreads each large copy over its own intra-op threads already.
-            for chunk in chunks:
-                for seg in layout.chunks[chunk]:
-                    src = as_bytes(sources[seg.entry])[seg.src_start : seg.src_start + seg.length]
-                    region[seg.dst_offset : seg.dst_offset + seg.length].copy_(src)
+            # torch spreads each large copy over its own intra-op threads already: one call per
+            # run of an entry, so each parallel region is as large as it can be.
+            for entry, src_start, length, dst in _coalesce(layout, chunks):
+                src = as_bytes(sources[entry])[src_start : src_start + length]
+                region[dst : dst + length].copy_(src)
             return {}
         view = memoryview(region.numpy()) if checksum else None  # type: ignore[arg-type]
         spans = _split(chunks, self._threads)
@@ -192,6 +192,20 @@ class ChunkCopier:
             event = torch.cuda.Event()
             event.record(stream)
         return event
+
+
+def _coalesce(layout: Layout, chunks: range) -> list[tuple[int, int, int, int]]:
+    """The segments of `chunks` merged where an entry continues across chunk boundaries."""
+    runs: list[tuple[int, int, int, int]] = []
+    for chunk in chunks:
+        for seg in layout.chunks[chunk]:
+            if runs:
+                entry, start, length, dst = runs[-1]
+                if entry == seg.entry and start + length == seg.src_start:
+                    runs[-1] = (entry, start, length + seg.length, dst)
+                    continue
+            runs.append((seg.entry, seg.src_start, seg.length, seg.dst_offset))
+    return runs
 
 
 def _split(chunks: range, parts: int) -> list[range]:
