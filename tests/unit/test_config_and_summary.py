@@ -115,6 +115,10 @@ def test_summary_of_one_recovery():
         },
         {"t": t + 9, "event": ev.PROGRESS, "machine": 0, "generation": 1, "step": 6},
         {"t": t + 10, "event": ev.JOB_FINISHED, "machine": 0, "status": "succeeded"},
+        {"t": t + 0.5, "event": ev.MEMORY, "machine": 1, "rank": 2, "slot_bytes": 4 << 20,
+         "reserved": 8 << 20, "budget": 1 << 30},
+        {"t": t + 0.6, "event": ev.MEMORY, "machine": 1, "rank": 3, "slot_bytes": 4 << 20,
+         "reserved": 16 << 20, "budget": 1 << 30},
     ]
     summary = summarize(records)
     assert summary.status == "succeeded" and summary.final_step == 6
@@ -124,3 +128,4 @@ def test_summary_of_one_recovery():
     assert r.failed_at == t + 2 and r.detected_at == t + 2.5
     assert r.seconds_to_next_step == pytest.approx(7.0)
     assert r.restore_seconds == {1: 0.05}
+    assert summary.memory == {1: (16 << 20, 1 << 30)}

@@ -137,11 +137,14 @@ class TrainerService:
 
     def _allocate(self, request: Request, _conn: Connection) -> dict[str, Any]:
         capacity = self._store.allocate(request["rank"], request["nbytes"])
-        log.info(
-            "rank %d: slots of %d bytes; %s",
-            request["rank"],
-            capacity,
-            self._store.usage().describe(),
+        usage = self._store.usage()
+        log.info("rank %d: slots of %d bytes; %s", request["rank"], capacity, usage.describe())
+        self._events.emit(
+            events.MEMORY,
+            rank=request["rank"],
+            slot_bytes=capacity,
+            reserved=usage.reserved,
+            budget=usage.budget,
         )
         return {"capacity": capacity}
 

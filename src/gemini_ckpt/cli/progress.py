@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from gemini_ckpt.config import format_size
 from gemini_ckpt.observability import events as ev
 from gemini_ckpt.observability.summary import RunSummary
 
@@ -50,6 +51,11 @@ def event_line(event: dict[str, Any]) -> str | None:
 def summary_lines(summary: RunSummary) -> list[str]:
     """The recovery summary as text."""
     lines = [f"job {summary.status}; last completed step {summary.final_step}"]
+    for machine, (reserved, budget) in sorted(summary.memory.items()):
+        lines.append(
+            f"machine {machine}: {format_size(reserved)} of checkpoint memory "
+            f"(budget {format_size(budget)})"
+        )
     if not summary.recoveries:
         lines.append("no failures")
     for r in summary.recoveries:

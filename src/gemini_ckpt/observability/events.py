@@ -18,6 +18,7 @@ from typing import Any
 AGENT_STARTED = "agent_started"
 GENERATION_STARTED = "generation_started"
 PROGRESS = "progress"
+MEMORY = "memory"
 FAULT_INJECTED = "fault_injected"
 WORKER_FAILED = "worker_failed"
 RESTART = "restart"

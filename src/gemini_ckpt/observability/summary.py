@@ -64,6 +64,8 @@ class RunSummary:
     status: str
     final_step: int | None
     recoveries: list[Recovery]
+    memory: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Per machine: (bytes reserved for checkpoint slots at the peak, budget)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -71,6 +73,7 @@ class RunSummary:
             "status": self.status,
             "final_step": self.final_step,
             "recoveries": [r.to_dict() for r in self.recoveries],
+            "memory": {str(m): {"reserved": r, "budget": b} for m, (r, b) in self.memory.items()},
         }
 
 
@@ -87,7 +90,13 @@ def summarize(records: list[dict[str, Any]]) -> RunSummary:
     if finished:
         status = "failed" if any(e.get("status") == "failed" for e in finished) else "succeeded"
     final = progress[-1]["step"] if progress else None
-    return RunSummary(status, final, recoveries)
+    memory: dict[int, tuple[int, int]] = {}
+    for e in records:
+        if e.get("event") == ev.MEMORY:
+            machine = int(e.get("machine", 0))
+            peak = max(int(e["reserved"]), memory.get(machine, (0, 0))[0])
+            memory[machine] = (peak, int(e["budget"]))
+    return RunSummary(status, final, recoveries, memory)
 
 
 def _recovery(records: list[dict[str, Any]], generation: int) -> Recovery:

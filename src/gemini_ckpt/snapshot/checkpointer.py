@@ -309,8 +309,9 @@ class Checkpointer:
                         "failpoint", rank=config.rank, name=FaultPoint.MID_SAVE.value, step=step
                     )
                 digests.update(
-                    session.copier.copy(layout, sources, region.tensor, part, ready,
-                                        checksum=checksum)
+                    session.copier.copy(
+                        layout, sources, region.tensor, part, ready, checksum=checksum
+                    )
                 )
         except BaseException as e:
             self._abort(session, step, e)
