@@ -11,7 +11,8 @@ from gemini_ckpt.errors import (
     RestoreError,
     SnapshotError,
 )
-from gemini_ckpt.snapshot.checkpointer import Checkpointer, RestoreInfo, SaveTiming
+from gemini_ckpt.snapshot.checkpointer import Checkpointer, RestoreInfo
+from gemini_ckpt.snapshot.writer import SaveTiming
 
 __version__ = "0.1.0"
 

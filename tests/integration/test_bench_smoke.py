@@ -11,15 +11,35 @@ import bench_snapshot  # noqa: E402
 
 def test_bench_snapshot_writes_json(tmp_path):
     out = tmp_path / "snapshot.json"
-    report = bench_snapshot.main(["--sizes", "2MiB", "--repeats", "2", "--chunk-size", "256KiB",
-                                  "--disk-dir", str(tmp_path), "--out", str(out)])
+    report = bench_snapshot.main(
+        [
+            "--sizes",
+            "2MiB",
+            "--repeats",
+            "2",
+            "--chunk-size",
+            "256KiB",
+            "--disk-dir",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ]
+    )
     written = json.loads(out.read_text())
     assert written["results"][0]["bytes"] == report["results"][0]["bytes"] > 2_000_000
     result = written["results"][0]
-    for key in ("plain_copy_s", "save_sync_s", "save_overlapped_blocking_s", "torch_save_shm_s",
-                "torch_save_disk_fsync_s"):
+    for key in (
+        "plain_copy_s",
+        "save_sync_s",
+        "save_overlapped_blocking_s",
+        "torch_save_shm_s",
+        "torch_save_disk_fsync_s",
+    ):
         assert len(result[key]["samples"]) == 2
         assert 0 < result[key]["min"] <= result[key]["median"]
-    assert set(result["ratios"]) >= {"sync_vs_plain_copy", "sync_vs_torch_save_shm",
-                                     "overlapped_blocking_vs_plain_copy"}
+    assert set(result["ratios"]) >= {
+        "sync_vs_plain_copy",
+        "sync_vs_torch_save_shm",
+        "overlapped_blocking_vs_plain_copy",
+    }
     assert result["meets_goals"] is None  # goals are stated for 256 MiB and 1 GiB only

@@ -115,10 +115,24 @@ def test_summary_of_one_recovery():
         },
         {"t": t + 9, "event": ev.PROGRESS, "machine": 0, "generation": 1, "step": 6},
         {"t": t + 10, "event": ev.JOB_FINISHED, "machine": 0, "status": "succeeded"},
-        {"t": t + 0.5, "event": ev.MEMORY, "machine": 1, "rank": 2, "slot_bytes": 4 << 20,
-         "reserved": 8 << 20, "budget": 1 << 30},
-        {"t": t + 0.6, "event": ev.MEMORY, "machine": 1, "rank": 3, "slot_bytes": 4 << 20,
-         "reserved": 16 << 20, "budget": 1 << 30},
+        {
+            "t": t + 0.5,
+            "event": ev.MEMORY,
+            "machine": 1,
+            "rank": 2,
+            "slot_bytes": 4 << 20,
+            "reserved": 8 << 20,
+            "budget": 1 << 30,
+        },
+        {
+            "t": t + 0.6,
+            "event": ev.MEMORY,
+            "machine": 1,
+            "rank": 3,
+            "slot_bytes": 4 << 20,
+            "reserved": 16 << 20,
+            "budget": 1 << 30,
+        },
     ]
     summary = summarize(records)
     assert summary.status == "succeeded" and summary.final_step == 6

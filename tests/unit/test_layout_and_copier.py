@@ -96,7 +96,9 @@ def test_copy_without_checksums_then_digests(torch_threads):
             assert torch.equal(stored, src.contiguous().reshape(-1).view(torch.uint8))
         view = memoryview(region.numpy())
         digests = copier.digests(4096, view)
-        assert digests == [digest(view[i * 4096 : (i + 1) * 4096]) for i in range(layout.num_chunks)]
+        assert digests == [
+            digest(view[i * 4096 : (i + 1) * 4096]) for i in range(layout.num_chunks)
+        ]
     finally:
         torch.set_num_threads(before)
         copier.close()

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,15 @@ import torch
 
 from gemini_ckpt.config import TrainerConfig
 from gemini_ckpt.errors import CorruptCheckpointError, SnapshotError
-from gemini_ckpt.faults import FaultPoint
 from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.snapshot.agent_client import AgentClient
 from gemini_ckpt.snapshot.copier import ChunkCopier
 from gemini_ckpt.snapshot.layout import Layout, plan_layout, signature
+from gemini_ckpt.snapshot.reader import verified_tensors
 from gemini_ckpt.snapshot.state import Stateful, TrainingState
 from gemini_ckpt.snapshot.tree import FlatState, unflatten
-from gemini_ckpt.store.shm import MappedRegion, map_file
+from gemini_ckpt.snapshot.writer import SaveTiming, Session, SlotWriter, cuda_ready_event
+from gemini_ckpt.store.shm import map_file
 
 log = logging.getLogger(__name__)
 
@@ -47,45 +48,6 @@ class RestoreInfo:
     source: str
     seconds: float = 0.0
     chunks_verified: int = 0
-
-
-@dataclass
-class SaveTiming:
-    """Timings of the most recent save, in seconds."""
-
-    step: int = 0
-    capture_s: float = 0.0
-    """Time `save()` spent capturing the state before handing the copy off."""
-    wait_s: float = 0.0
-    """Time the optimizer step waited for the previous save's background copy."""
-    copy_s: float = 0.0
-    """Duration of the copy (with checksums when overlapped; in the background then)."""
-    checksum_s: float = 0.0
-    """Checksumming after the copy (sync mode; in the background, before the commit)."""
-    iteration_s: float = 0.0
-    """Time since the previous `save()` call."""
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Written:
-    """A slot holding a copied state, not yet committed."""
-
-    slot: int
-    job: str
-    region: MappedRegion
-    digests: dict[int, str]
-
-
-@dataclass
-class _Session:
-    """What exists between `start()` and `close()`."""
-
-    config: TrainerConfig
-    client: AgentClient
-    copier: ChunkCopier
-    jobs: ThreadPoolExecutor
-    failpoints: dict[str, int]
 
 
 class Checkpointer:
@@ -111,12 +73,11 @@ class Checkpointer:
         )
         self._state = TrainingState(model, optimizers, lr_scheduler, extra_state)
         self._given_config = config
-        self._session: _Session | None = None
+        self._session: Session | None = None
+        self._writer: SlotWriter | None = None
         self._pending: Future[None] | None = None
         self._hooks: list[Any] = []
         self._layout: Layout | None = None
-        self._regions: dict[int, MappedRegion] = {}
-        self._capacity = 0
         self._last_step: int | None = None
         self._last_call: float | None = None
         self._wait_s = 0.0
@@ -135,13 +96,14 @@ class Checkpointer:
         hello = client.request(
             "hello", rank=config.rank, pid=os.getpid(), generation=config.generation
         )
-        self._session = _Session(
+        self._session = Session(
             config=config,
             client=client,
             copier=ChunkCopier(config.copy_threads),
             jobs=ThreadPoolExecutor(1, thread_name_prefix="gemini-save"),
             failpoints={fp["name"]: int(fp["step"]) for fp in hello.get("failpoints", [])},
         )
+        self._writer = SlotWriter(self._session)
         self._hooks = [
             opt.register_step_pre_hook(self._before_optimizer_step)
             for opt in self._state.optimizers
@@ -160,9 +122,9 @@ class Checkpointer:
                 session.jobs.shutdown(wait=True)
                 session.copier.close()
                 session.client.close()
-            for region in self._regions.values():
-                region.close()
-            self._regions = {}
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
 
     def __enter__(self) -> Checkpointer:
         self.start()
@@ -195,7 +157,7 @@ class Checkpointer:
         source = str(reply.get("source", "local memory"))
         region = map_file(Path(reply["path"]), manifest.data_nbytes, writable=False)
         try:
-            tensors = _verified_tensors(session.copier, manifest, region, source)
+            tensors = verified_tensors(session.copier, manifest, region, source)
         except CorruptCheckpointError as e:
             client.request("report_corrupt", rank=config.rank, step=manifest.step, detail=str(e))
             raise
@@ -234,13 +196,15 @@ class Checkpointer:
         entered = time.monotonic()
         self.start()
         self.wait()
-        session = self._require()
+        session, writer = self._require(), self._writer
+        if writer is None:
+            raise SnapshotError("Checkpointer is closed")
         if self._last_step is not None and step <= self._last_step:
             raise SnapshotError(f"save({step}) after save({self._last_step}): steps must increase")
         overlapped = session.config.snapshot_mode == "overlapped"
         flat = self._state.capture(clone_unstable=overlapped)
         layout = self._layout_for(flat, session.config.chunk_size)
-        ready = _cuda_ready_event(flat)
+        ready = cuda_ready_event(flat)
         timing = SaveTiming(
             step=step,
             wait_s=self._wait_s,
@@ -251,16 +215,12 @@ class Checkpointer:
         timing.capture_s = time.monotonic() - entered
         self.last_save = timing
         if overlapped:
-            self._pending = session.jobs.submit(
-                self._save_job, session, flat, layout, ready, timing
-            )
+            self._pending = session.jobs.submit(_save_job, writer, flat, layout, ready, timing)
         else:
             # Sync mode: the bytes are copied before save() returns, so the state may change
             # right away; checksums and the commit follow in the background.
-            written = self._write(session, flat, layout, ready, timing)
-            self._pending = session.jobs.submit(
-                self._commit, session, flat, layout, written, timing
-            )
+            written = writer.write(flat, layout, ready, timing)
+            self._pending = session.jobs.submit(writer.commit, flat, layout, written, timing)
 
     def wait(self) -> None:
         """Block until the background save (if any) is committed; re-raise its failure."""
@@ -278,174 +238,13 @@ class Checkpointer:
             self._layout = plan_layout(flat.tensors, chunk_size)
         return self._layout
 
-    def _save_job(
-        self, session: _Session, flat: FlatState, layout: Layout, ready: Any, timing: SaveTiming
-    ) -> None:
-        written = self._write(session, flat, layout, ready, timing)
-        self._commit(session, flat, layout, written, timing)
-
-    def _write(
-        self, session: _Session, flat: FlatState, layout: Layout, ready: Any, timing: SaveTiming
-    ) -> _Written:
-        """Claim a slot and copy the state into it (with checksums if overlapped)."""
-        client, config, step = session.client, session.config, timing.step
-        started = time.monotonic()
-        if layout.data_nbytes > self._capacity:
-            reply = client.request("allocate", rank=config.rank, nbytes=layout.data_nbytes)
-            self._capacity = int(reply["capacity"])
-        grant = client.request("begin", rank=config.rank, step=step)
-        checksum = config.snapshot_mode == "overlapped"
-        try:
-            region = self._region(int(grant["slot"]), Path(grant["path"]))
-            sources = _entry_sources(flat, layout)
-            chunks = range(layout.num_chunks)
-            # An armed mid-save fault point splits the copy in two and fires in between.
-            armed = session.failpoints.get(FaultPoint.MID_SAVE.value) == step
-            parts = [chunks[: len(chunks) // 2], chunks[len(chunks) // 2 :]] if armed else [chunks]
-            digests: dict[int, str] = {}
-            for index, part in enumerate(parts):
-                if index == 1:
-                    client.request(
-                        "failpoint", rank=config.rank, name=FaultPoint.MID_SAVE.value, step=step
-                    )
-                digests.update(
-                    session.copier.copy(
-                        layout, sources, region.tensor, part, ready, checksum=checksum
-                    )
-                )
-        except BaseException as e:
-            self._abort(session, step, e)
-            raise
-        timing.copy_s = time.monotonic() - started
-        return _Written(int(grant["slot"]), str(grant.get("job", "")), region, digests)
-
-    def _commit(
-        self,
-        session: _Session,
-        flat: FlatState,
-        layout: Layout,
-        written: _Written,
-        timing: SaveTiming,
-    ) -> None:
-        """Checksum what is not checksummed yet, then make the checkpoint visible."""
-        config, step = session.config, timing.step
-        started = time.monotonic()
-        try:
-            digests = written.digests
-            if len(digests) < layout.num_chunks:
-                data = written.region.view()[: layout.data_nbytes]
-                digests = dict(enumerate(session.copier.digests(layout.chunk_size, data)))
-        except BaseException as e:
-            self._abort(session, step, e)
-            raise
-        timing.checksum_s = time.monotonic() - started
-        manifest = Manifest(
-            job=written.job,
-            rank=config.rank,
-            world_size=config.world_size,
-            step=step,
-            generation=config.generation,
-            chunk_size=layout.chunk_size,
-            data_nbytes=layout.data_nbytes,
-            chunk_digests=tuple(digests[i] for i in range(layout.num_chunks)),
-            entries=layout.entries,
-            tensor_refs=layout.tensor_refs,
-            skeleton=flat.skeleton,
-        )
-        session.client.request(
-            "commit",
-            rank=config.rank,
-            slot=written.slot,
-            manifest=manifest.to_dict(),
-            timing=_timing_dict(timing, config),
-        )
-
-    def _abort(self, session: _Session, step: int, error: BaseException) -> None:
-        session.client.request(
-            "abort", rank=session.config.rank, step=step, reason=f"{type(error).__name__}: {error}"
-        )
-
-    def _region(self, slot: int, path: Path) -> MappedRegion:
-        region = self._regions.get(slot)
-        if region is None or region.nbytes != self._capacity or region.path != path:
-            if region is not None:
-                region.close()
-            region = self._regions[slot] = map_file(path, self._capacity, writable=True)
-            if torch.cuda.is_initialized():
-                _pin(region)
-        return region
-
-    def _require(self) -> _Session:
+    def _require(self) -> Session:
         if self._session is None:
             raise SnapshotError("Checkpointer is closed")
         return self._session
 
 
-def _verified_tensors(
-    copier: ChunkCopier, manifest: Manifest, region: MappedRegion, source: str
-) -> list[torch.Tensor]:
-    """Check every chunk, then copy each stored tensor out of the mapping."""
-    data = region.view()[: manifest.data_nbytes]
-    bad = copier.verify(manifest.chunk_digests, manifest.chunk_size, data)
-    if bad:
-        shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
-        raise CorruptCheckpointError(
-            f"rank {manifest.rank} step {manifest.step} from {source}: {len(bad)} of "
-            f"{manifest.num_chunks} chunks fail their {manifest.checksum_algorithm} checksum "
-            f"(chunk {shown}); refusing to load it"
-        )
-    tensors = []
-    for i, entry in enumerate(manifest.entries):
-        dtype = getattr(torch, entry.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise CorruptCheckpointError(f"tensor entry {i} has unknown dtype {entry.dtype!r}")
-        numel = 1
-        for dim in entry.shape:
-            numel *= dim
-        if numel * dtype.itemsize != entry.nbytes:
-            raise CorruptCheckpointError(
-                f"tensor entry {i}: shape {entry.shape} of {entry.dtype} "
-                f"is not {entry.nbytes} bytes"
-            )
-        raw = region.tensor[entry.offset : entry.offset + entry.nbytes]
-        tensors.append(raw.view(dtype).reshape(entry.shape).clone())
-    return tensors
-
-
-def _entry_sources(flat: FlatState, layout: Layout) -> list[torch.Tensor]:
-    sources: list[torch.Tensor | None] = [None] * len(layout.entries)
-    for tensor, ref in zip(flat.tensors, layout.tensor_refs, strict=False):
-        if sources[ref] is None:
-            sources[ref] = tensor
-    return [s for s in sources if s is not None]
-
-
-def _cuda_ready_event(flat: FlatState) -> Any:
-    if not any(t.is_cuda for t in flat.tensors):
-        return None
-    event = torch.cuda.Event()
-    event.record()
-    return event
-
-
-def _pin(region: MappedRegion) -> None:
-    # Page-locks the shared mapping so device-to-host copies into it can run asynchronously.
-    result = torch.cuda.cudart().cudaHostRegister(region.tensor.data_ptr(), region.nbytes, 0)
-    if int(result) != 0:
-        log.warning(
-            "cudaHostRegister of %s failed (%s); copies will be synchronous", region.path, result
-        )
-
-
-def _timing_dict(timing: SaveTiming, config: TrainerConfig) -> dict[str, Any]:
-    # Training was blocked for the capture, the wait before the optimizer step and, in sync mode,
-    # the copy itself.
-    blocking = timing.capture_s + timing.wait_s
-    if config.snapshot_mode == "sync":
-        blocking += timing.copy_s
-    return {
-        "blocking_s": blocking,
-        "copy_s": timing.copy_s,
-        "iteration_s": timing.iteration_s,
-        "metrics": timing.extra,
-    }
+def _save_job(
+    writer: SlotWriter, flat: FlatState, layout: Layout, ready: Any, timing: SaveTiming
+) -> None:
+    writer.commit(flat, layout, writer.write(flat, layout, ready, timing), timing)

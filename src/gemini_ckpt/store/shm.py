@@ -52,6 +52,8 @@ class MappedRegion:
     nbytes: int
     mm: mmap.mmap
     tensor: torch.Tensor
+    pinned: bool = False
+    """Page-locked for device-to-host copies (the owner unregisters it before `close()`)."""
 
     def view(self) -> memoryview:
         """The mapped bytes as a memoryview (for checksums)."""
