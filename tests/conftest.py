@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 SHM_ROOT = Path("/dev/shm") / f"gemini-tests-{os.getpid()}"
 os.environ["GEMINI_SHM_DIR"] = str(SHM_ROOT)
 
-from gemini_ckpt.agent.embedded import EmbeddedAgent
-from gemini_ckpt.config import shm_root
+from gemini_ckpt.agent.embedded import EmbeddedAgent  # noqa: E402
+from gemini_ckpt.config import shm_root  # noqa: E402
 
 
 @pytest.fixture

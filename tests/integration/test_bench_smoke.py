@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import bench_snapshot  # noqa: E402
+import bench_snapshot
 
 
 def test_bench_snapshot_writes_json(tmp_path):
