@@ -7,6 +7,7 @@ Machine 0 is the leader: it computes each generation's restore plan and hosts it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -100,6 +101,9 @@ class MachineAgent:
         self._workers.stop()
         self._server.close()
         self._store.close()
+        with contextlib.suppress(OSError):
+            # The job's directory goes with its last machine (rmdir fails while others remain).
+            self.config.shm_dir.parent.rmdir()
         self._rdzv_store = None
         self._events.close()
 

@@ -1,0 +1,78 @@
+"""`gemini-ckpt launch` on its own (no test bed), and a job that keeps failing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gemini_ckpt.observability import events as ev
+from gemini_ckpt.observability.events import read_events
+from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+SCRIPT = Path(__file__).resolve().parents[1] / "helpers" / "tiny_train.py"
+
+
+def test_standalone_launch_restarts_a_killed_trainer_from_memory(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gemini_ckpt",
+            "launch",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--run-id",
+            f"standalone-{tmp_path.name}",
+            "--run-dir",
+            str(run_dir),
+            "--fault",
+            "kill-worker@step=3,rank=1",
+            "--max-restarts",
+            "1",
+            str(SCRIPT),
+            "--steps",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_events([run_dir / "m0" / "events.jsonl"])
+    restored = [(e["rank"], e["step"], e["source"]) for e in records if e["event"] == ev.RESTORED]
+    assert sorted(restored) == [(0, 3, "local memory"), (1, 3, "local memory")]
+    assert records[-1]["event"] == ev.JOB_FINISHED
+    assert records[-1]["status"] == "succeeded"
+
+
+def test_a_job_that_keeps_failing_stops_at_the_restart_limit(tmp_path):
+    spec = LocalSpec(
+        machines=1,
+        nproc_per_machine=1,
+        script=SCRIPT,
+        script_args=("--steps", "5", "--raise-at", "3"),
+        run_dir=tmp_path,
+        max_restarts=1,
+    )
+    with LocalTestbed(spec) as bed:
+        code = bed.wait(200)
+    assert code == 1
+    summary = bed.summary()
+    assert summary.status == "failed"
+    records = read_events([bed.event_file(0)])
+    failures = [e for e in records if e["event"] == ev.WORKER_FAILED]
+    assert [e["generation"] for e in failures] == [0, 1]
+    assert all(e["exitcode"] == 1 and "boom at step 3" in e["stderr_tail"] for e in failures)
+    finished = [e for e in records if e["event"] == ev.JOB_FINISHED]
+    assert "restart limit reached" in finished[-1]["reason"]
+    # The second attempt resumed from the step the first one had reached, from memory.
+    restored = [e for e in records if e["event"] == ev.RESTORED]
+    assert [(e["step"], e["source"]) for e in restored] == [(2, "local memory")]
