@@ -40,7 +40,7 @@ def persist(agent: EmbeddedAgent, store: PersistentStore, step: int):
 def test_written_file_is_standard_safetensors_with_named_tensors(agent, tmp_path):
     model, optimizer = checkpoint_steps(agent, 2)
     store = PersistentStore(tmp_path / "ckpt", agent.config.job_id)
-    path, manifest = persist(agent, store, 2)
+    path, _ = persist(agent, store, 2)
     tensors = load_file(str(path))
     for name, value in model.state_dict().items():
         assert torch.equal(tensors[f"model.{name}"], value), name
