@@ -1,4 +1,10 @@
-from gemini_ckpt.recovery.plan import FRESH_START, LOCAL_MEMORY, RestorePlan, plan_restore
+from gemini_ckpt.recovery.plan import (
+    FRESH_START,
+    LOCAL_MEMORY,
+    PERSISTENT_TIER,
+    RestorePlan,
+    plan_restore,
+)
 
 
 def test_newest_step_held_by_every_rank():
@@ -33,3 +39,32 @@ def test_no_common_step_is_explained():
 def test_plan_roundtrip():
     plan = plan_restore(3, 2, {0: {0: [1], 1: [1]}})
     assert RestorePlan.from_dict(plan.to_dict()) == plan
+
+
+def test_persistent_tier_fills_in_for_lost_memory():
+    # machine 1 (ranks 2, 3) was replaced: its memory is empty; the disk has every 10th step
+    inventories = {0: {0: [24, 25], 1: [24, 25]}, 1: {}}
+    persistent = {0: [10, 20], 1: [10, 20], 2: [10, 20], 3: [10, 20]}
+    plan = plan_restore(4, 4, inventories, persistent)
+    assert plan.step == 20
+    assert plan.sources == {
+        0: PERSISTENT_TIER,
+        1: PERSISTENT_TIER,
+        2: PERSISTENT_TIER,
+        3: PERSISTENT_TIER,
+    }
+    assert plan.reason.startswith("step 20 is the newest step every one of the 4 ranks can restore")
+    assert "ranks [0, 1] also hold newer steps, discarded" in plan.reason
+
+
+def test_memory_is_preferred_when_it_holds_the_step():
+    inventories = {0: {0: [19, 20]}, 1: {1: []}}
+    plan = plan_restore(2, 2, inventories, {0: [20], 1: [20]})
+    assert plan.step == 20
+    assert plan.sources == {0: LOCAL_MEMORY, 1: PERSISTENT_TIER}
+    assert "rank 0 from local memory; rank 1 from persistent tier" in plan.reason
+
+
+def test_a_step_missing_from_one_rank_on_disk_is_not_chosen():
+    plan = plan_restore(1, 2, {0: {}, 1: {}}, {0: [10, 20], 1: [10]})
+    assert plan.step == 10

@@ -1,7 +1,7 @@
 """The restore decision: the step the whole job resumes from, and where each rank's state is.
 
-A pure function of the agents' inventories. All ranks resume from the same step: the newest one that
-every rank holds. Never some ranks at S and others at S-1.
+A pure function of what every tier holds. All ranks resume from the same step: the newest one that
+every rank can restore from some tier. Never some ranks at S and others at S-1.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LOCAL_MEMORY = "local memory"
+PERSISTENT_TIER = "persistent tier"
 FRESH_START = "none (fresh start)"
 
 
@@ -45,43 +46,71 @@ class RestorePlan:
 
 
 def plan_restore(
-    generation: int, world_size: int, inventories: Mapping[int, Mapping[int, list[int]]]
+    generation: int,
+    world_size: int,
+    inventories: Mapping[int, Mapping[int, list[int]]],
+    persistent: Mapping[int, list[int]] | None = None,
 ) -> RestorePlan:
-    """Choose the newest step held by every rank of `world_size`, from each machine's inventory.
+    """Choose the newest step every rank of `world_size` can restore, and each rank's source.
 
-    `inventories` maps machine -> rank -> committed steps held in that machine's memory.
+    `inventories` maps machine -> rank -> committed steps in that machine's memory;
+    `persistent` maps rank -> steps with a complete copy in the persistent tier. A rank prefers
+    its machine's memory, then the persistent tier.
     """
-    held: dict[int, set[int]] = {rank: set() for rank in range(world_size)}
+    memory: dict[int, set[int]] = {rank: set() for rank in range(world_size)}
     for per_rank in inventories.values():
         for rank, steps in per_rank.items():
             if 0 <= rank < world_size:
-                held[rank].update(steps)
-    common = set.intersection(*held.values()) if held else set()
-    newest = {rank: max(steps) for rank, steps in held.items() if steps}
+                memory[rank].update(steps)
+    tiers = [(LOCAL_MEMORY, memory)]
+    if persistent is not None:
+        tiers.append((PERSISTENT_TIER, {r: set(persistent.get(r, ())) for r in range(world_size)}))
+    reachable = {rank: set().union(*(held[rank] for _, held in tiers)) for rank in memory}
+    common = set.intersection(*reachable.values()) if reachable else set()
     if common:
         step = max(common)
-        lagging = sorted(r for r, n in newest.items() if n > step)
-        detail = f"; ranks {lagging} also hold newer steps, discarded" if lagging else ""
-        return RestorePlan(
-            generation,
-            step,
-            dict.fromkeys(held, LOCAL_MEMORY),
-            f"step {step} is the newest step held in local memory by all {world_size} ranks"
-            + detail,
-        )
+        sources = {
+            rank: next(name for name, held in tiers if step in held[rank]) for rank in memory
+        }
+        return RestorePlan(generation, step, sources, _explain(step, sources, memory))
+    newest = {rank: max(steps) for rank, steps in reachable.items() if steps}
     if not newest:
         return RestorePlan(
             generation,
             None,
-            dict.fromkeys(held, FRESH_START),
+            dict.fromkeys(memory, FRESH_START),
             "no rank holds a checkpoint: fresh start from step 0",
         )
-    missing = sorted(r for r in held if not held[r])
-    summary = ", ".join(f"rank {r}: {sorted(held[r])}" for r in sorted(held)[:8])
+    missing = sorted(r for r in reachable if not reachable[r])
+    summary = ", ".join(f"rank {r}: {sorted(reachable[r])}" for r in sorted(reachable)[:8])
     return RestorePlan(
         generation,
         None,
-        dict.fromkeys(held, FRESH_START),
+        dict.fromkeys(memory, FRESH_START),
         f"no step is held by every rank (ranks without a checkpoint: {missing}; {summary}); "
-        "with no other tier to fall back to, the job restarts from step 0",
+        "the job restarts from step 0",
     )
+
+
+def _explain(step: int, sources: dict[int, str], memory: dict[int, set[int]]) -> str:
+    world = len(sources)
+    by_source: dict[str, list[int]] = {}
+    for rank, source in sorted(sources.items()):
+        by_source.setdefault(source, []).append(rank)
+    if list(by_source) == [LOCAL_MEMORY]:
+        reason = f"step {step} is the newest step held in local memory by all {world} ranks"
+    else:
+        parts = "; ".join(f"{_ranks(ranks)} from {source}" for source, ranks in by_source.items())
+        reason = (
+            f"step {step} is the newest step every one of the {world} ranks can restore: {parts}"
+        )
+    newer = sorted(r for r, steps in memory.items() if steps and max(steps) > step)
+    if newer:
+        reason += f"; ranks {newer} also hold newer steps, discarded"
+    return reason
+
+
+def _ranks(ranks: list[int]) -> str:
+    if len(ranks) > 1 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
