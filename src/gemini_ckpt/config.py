@@ -149,6 +149,11 @@ class AgentConfig:
     tee: bool = False
     faults: tuple[Any, ...] = ()
     """`ResolvedFault`s whose rank lives on this machine."""
+    persist_dir: Path | None = None
+    """Root of the persistent tier (shared by all machines of the job); None: no persistent tier."""
+    persist_every_steps: int = 0
+    persist_every_s: float = 0.0
+    persist_keep: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.machine < self.machines:
@@ -163,6 +168,14 @@ class AgentConfig:
             raise ConfigError(
                 f"snapshot mode {self.snapshot_mode!r} is not one of {SNAPSHOT_MODES}"
             )
+        if self.persist_every_steps < 0 or self.persist_every_s < 0 or self.persist_keep < 1:
+            raise ConfigError(
+                f"--persist-every {self.persist_every_steps}, --persist-interval "
+                f"{self.persist_every_s} and --persist-keep {self.persist_keep} must be "
+                ">= 0, >= 0 and >= 1"
+            )
+        if self.persist_dir is None and (self.persist_every_steps or self.persist_every_s):
+            raise ConfigError("--persist-every/--persist-interval need --persist-dir")
         if self.memory_limit <= 0:
             raise ConfigError(f"--memory-limit must be positive, got {self.memory_limit}")
         if len(str(self.socket_path)) > 100:

@@ -13,16 +13,21 @@ import time
 from dataclasses import dataclass, field
 
 from gemini_ckpt.agent.fault_injector import FaultInjector
+from gemini_ckpt.agent.persister import Persister, PersistPolicy
 from gemini_ckpt.agent.server import ControlServer
 from gemini_ckpt.agent.service import Connection, TrainerService
+from gemini_ckpt.agent.staging import stage_from_persistent
 from gemini_ckpt.agent.workers import GroupState, Rendezvous, WorkerExit, WorkerGroup
 from gemini_ckpt.config import AgentConfig
 from gemini_ckpt.coordination.job import JobCoordinator, WaitAborted
 from gemini_ckpt.coordination.kv import KV, TCPStoreKV
+from gemini_ckpt.errors import CorruptCheckpointError, RecoveryError, StoreError
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
-from gemini_ckpt.recovery.plan import RestorePlan, plan_restore
+from gemini_ckpt.recovery.plan import PERSISTENT_TIER, RestorePlan, plan_restore
+from gemini_ckpt.snapshot.copier import ChunkCopier
 from gemini_ckpt.store.local_store import LocalStore
+from gemini_ckpt.store.persistent import PersistentStore
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ class Outcome:
 
     succeeded: bool = False
     job_failed: str | None = None
+    staging_failed: str | None = None
     failures: list[WorkerExit] = field(default_factory=list)
 
 
@@ -46,17 +52,35 @@ class MachineAgent:
         self._events = event_log
         self._coordinator = JobCoordinator(kv, config.job_id, config.machines)
         self._store = LocalStore(config.shm_dir, config.memory_limit)
+        self._persistent = (
+            PersistentStore(config.persist_dir, config.job_id, config.persist_keep)
+            if config.persist_dir is not None
+            else None
+        )
+        self._persister = (
+            Persister(
+                self._store,
+                self._persistent,
+                config.ranks,
+                PersistPolicy(config.persist_every_steps, config.persist_every_s),
+                event_log,
+            )
+            if self._persistent is not None
+            else None
+        )
         self._service = TrainerService(
             config,
             self._store,
             self._coordinator,
             FaultInjector(config.faults, event_log),
             event_log,
+            on_step=self._persister.offer if self._persister is not None else None,
         )
         self._server = ControlServer(
             config.socket_path, self._service.handle, Connection, self._service.disconnected
         )
         self._workers = WorkerGroup(config, config.machine_dir / "logs")
+        self._copier = ChunkCopier(2)
         self._rdzv_store: TCPStoreKV | None = None
 
     @property
@@ -68,6 +92,8 @@ class MachineAgent:
         """Create the checkpoint memory, open the control socket, wait for the other agents."""
         self._events.start()
         self._store.start()
+        if self._persister is not None:
+            self._persister.start()
         self._server.start()
         self._events.emit(
             events.AGENT_STARTED,
@@ -85,6 +111,9 @@ class MachineAgent:
             except WaitAborted as e:
                 log.warning("generation %d did not start: %s", generation, e)
                 outcome = Outcome(job_failed=self._coordinator.failure())
+            except (CorruptCheckpointError, StoreError) as e:
+                log.error("generation %d could not stage its restore: %s", generation, e)
+                outcome = Outcome(staging_failed=str(e))
             else:
                 outcome = self._supervise(generation)
             if outcome.succeeded:
@@ -99,8 +128,11 @@ class MachineAgent:
         """Stop the workers and release everything this machine holds."""
         self._service.close_generation("agent shutting down")
         self._workers.stop()
+        if self._persister is not None:
+            self._persister.close()
         self._server.close()
         self._store.close()
+        self._copier.close()
         with contextlib.suppress(OSError):
             # The job's directory goes with its last machine (rmdir fails while others remain).
             self.config.shm_dir.parent.rmdir()
@@ -122,7 +154,8 @@ class MachineAgent:
         )
         if self.is_leader:
             inventories = self._coordinator.inventories(generation, timeout, abort)
-            plan = plan_restore(generation, self.config.world_size, inventories)
+            persisted = self._persistent.inventory() if self._persistent is not None else None
+            plan = plan_restore(generation, self.config.world_size, inventories, persisted)
             self._rdzv_store = TCPStoreKV.host(self.config.store_addr, 0)
             self._coordinator.publish_plan(
                 generation,
@@ -132,6 +165,7 @@ class MachineAgent:
         raw_plan, worker_store = self._coordinator.plan(generation, timeout, abort)
         plan = RestorePlan.from_dict(raw_plan)
         dropped = self._store.truncate_after(plan.step if plan.step is not None else -1)
+        self._stage(generation, plan)
         self._service.open_generation(generation, plan)
         self._events.emit(
             events.PLAN,
@@ -151,6 +185,28 @@ class MachineAgent:
             pids={str(self.config.ranks[i]): p for i, p in self._workers.pids().items()},
         )
         return plan
+
+    def _stage(self, generation: int, plan: RestorePlan) -> None:
+        """Bring the plan's step into memory for local ranks that restore from another tier."""
+        for rank in self.config.ranks:
+            if plan.step is None or plan.sources.get(rank) != PERSISTENT_TIER:
+                continue
+            if self._persistent is None:
+                raise RecoveryError(
+                    f"the plan restores rank {rank} from the persistent tier, "
+                    "but this machine has no --persist-dir"
+                )
+            seconds = stage_from_persistent(
+                self._store, self._persistent, rank, plan.step, self._copier
+            )
+            self._events.emit(
+                events.STAGED,
+                generation=generation,
+                rank=rank,
+                step=plan.step,
+                source=PERSISTENT_TIER,
+                seconds=seconds,
+            )
 
     def _supervise(self, generation: int) -> Outcome:
         marked_done = False
@@ -190,6 +246,10 @@ class MachineAgent:
             log.warning("generation %d failed: %s", generation, "; ".join(reasons))
             new = self._coordinator.request_restart(
                 self.config.machine, generation, {"failures": reasons, "detected": detected}
+            )
+        elif outcome.staging_failed:
+            new = self._coordinator.request_restart(
+                self.config.machine, generation, {"failures": [outcome.staging_failed]}
             )
         else:
             new = self._coordinator.generation()

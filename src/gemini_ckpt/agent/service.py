@@ -49,7 +49,9 @@ class TrainerService:
         coordinator: JobCoordinator,
         injector: FaultInjector,
         event_log: EventLog,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
+        self._on_step = on_step
         self._config = config
         self._store = store
         self._coordinator = coordinator
@@ -183,6 +185,8 @@ class TrainerService:
                 del self._progress.timings[old]
             generation = self._generation
         self._coordinator.report_committed(generation, floor)
+        if self._on_step is not None:
+            self._on_step(floor)
         first = min(timings) if timings else None
         self._events.emit(
             events.PROGRESS,

@@ -80,6 +80,29 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         default=float(_env("STOP_GRACE", "10")),
         help="seconds a stopping worker gets to commit a save under way",
     )
+    parser.add_argument(
+        "--persist-dir",
+        default=_env("PERSIST_DIR", ""),
+        help="persistent tier: a directory every machine of the job can reach",
+    )
+    parser.add_argument(
+        "--persist-every",
+        type=int,
+        default=int(_env("PERSIST_EVERY", "0")),
+        help="persist every N-th step (0: only by --persist-interval)",
+    )
+    parser.add_argument(
+        "--persist-interval",
+        type=float,
+        default=float(_env("PERSIST_INTERVAL", "0")),
+        help="persist at least every this many seconds (0: only by step)",
+    )
+    parser.add_argument(
+        "--persist-keep",
+        type=int,
+        default=int(_env("PERSIST_KEEP", "2")),
+        help="complete persisted steps to keep (default 2)",
+    )
     parser.add_argument("script", help="the training script (as for torchrun)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
 
@@ -152,6 +175,10 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
         snapshot_mode=args.snapshot_mode,
         stop_grace_s=args.stop_grace,
         tee=args.tee,
+        persist_dir=Path(args.persist_dir) if args.persist_dir else None,
+        persist_every_steps=args.persist_every,
+        persist_every_s=args.persist_interval,
+        persist_keep=args.persist_keep,
     )
     return dataclasses.replace(config, faults=tuple(f for f in faults if f.rank in config.ranks))
 

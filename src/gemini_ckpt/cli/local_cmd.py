@@ -64,6 +64,9 @@ def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
         "stop_grace_s": args.stop_grace,
         "tee": args.tee,
         "run_dir": Path(args.run_dir) if args.run_dir else None,
+        "persist_dir": Path(args.persist_dir) if args.persist_dir else None,
+        "persist_every": args.persist_every,
+        "persist_interval_s": args.persist_interval,
     }
     fields.update(overrides)
     return LocalSpec(**fields)  # type: ignore[arg-type]

@@ -6,9 +6,11 @@ trainer connection on its own thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from gemini_ckpt.store import shm
 from gemini_ckpt.store.slots import SLOTS_PER_RANK, RankSlots, SlotStatus, WriteGrant
 
 _CAPACITY_GRANULE = 1 << 20
+READ_WAIT_S = 60.0
+"""Longest a write waits for the agent to finish reading the slot (a memory copy takes far less)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,9 @@ class LocalStore:
         self._ranks: dict[int, RankSlots] = {}
         self._capacity: dict[int, int] = {}
         self._lock = threading.Lock()
+        # Slots being read by the agent itself (persisting); a write into one waits for the read.
+        self._readers: dict[tuple[int, int], int] = {}
+        self._read_done = threading.Condition(self._lock)
 
     def start(self) -> None:
         """Create the directory (private to this user)."""
@@ -123,6 +130,12 @@ class LocalStore:
             StoreError: the slots changed since the grant was made.
         """
         with self._lock:
+            if not self._read_done.wait_for(
+                lambda: not self._readers.get((rank, grant.slot)), timeout=READ_WAIT_S
+            ):
+                raise StoreError(
+                    f"rank {rank} slot {grant.slot} is still being read after {READ_WAIT_S:.0f} s"
+                )
             slots = self._slots(rank)
             if slots.grant(grant.step) != grant:
                 raise StoreError(f"rank {rank}'s slots changed while step {grant.step} waited")
@@ -178,14 +191,65 @@ class LocalStore:
     def locate(self, rank: int, step: int) -> SlotRef | None:
         """Where `rank`'s committed `step` lies, or None if it is not held."""
         with self._lock:
-            slots = self._ranks.get(rank)
-            index = slots.slot_of(step) if slots else None
-            if slots is None or index is None:
-                return None
-            manifest = slots.slots[index].manifest
-            if manifest is None or slots.slots[index].status is not SlotStatus.COMMITTED:
-                return None
-            return SlotRef(rank, index, self.data_path(rank, index), self._capacity[rank], manifest)
+            return self._locate(rank, step)
+
+    def _locate(self, rank: int, step: int) -> SlotRef | None:
+        slots = self._ranks.get(rank)
+        index = slots.slot_of(step) if slots else None
+        if slots is None or index is None:
+            return None
+        manifest = slots.slots[index].manifest
+        if manifest is None or slots.slots[index].status is not SlotStatus.COMMITTED:
+            return None
+        return SlotRef(rank, index, self.data_path(rank, index), self._capacity[rank], manifest)
+
+    @contextlib.contextmanager
+    def reading(self, rank: int, step: int) -> Iterator[SlotRef | None]:
+        """Hold `rank`'s committed `step` steady while the agent reads it (None if not held).
+
+        A trainer's write into that slot waits until the block ends, so keep the block short (a
+        memory copy, not a disk write).
+        """
+        with self._lock:
+            ref = self._locate(rank, step)
+            if ref is not None:
+                self._readers[(rank, ref.slot)] = self._readers.get((rank, ref.slot), 0) + 1
+        try:
+            yield ref
+        finally:
+            if ref is not None:
+                with self._lock:
+                    self._readers[(rank, ref.slot)] -= 1
+                    self._read_done.notify_all()
+
+    def install(self, manifest: Manifest, fill: Callable[[memoryview], None]) -> SlotRef:
+        """Make `manifest`'s step the only one its rank holds, its bytes written by `fill`.
+
+        For restores from another tier: whatever the rank held is forgotten, slot 0 receives the
+        data (`fill` gets a writable view of `manifest.data_nbytes` bytes) and is committed with
+        `manifest`. The caller verifies the bytes first.
+        """
+        rank = manifest.rank
+        self.allocate(rank, manifest.data_nbytes)
+        with self._lock:
+            slots = self._slots(rank)
+            for step in slots.committed_steps():
+                index = slots.slot_of(step)
+                if index is not None:
+                    shm.unlink(self._manifest_path(rank, index))
+                slots.drop(step)
+            slots.abort_writing()
+            slots.begin(WriteGrant(0, manifest.step, None, None))
+        region = shm.map_file(self.data_path(rank, 0), manifest.data_nbytes, writable=True)
+        try:
+            fill(region.view())
+        finally:
+            region.close()
+        self.commit(rank, 0, manifest)
+        ref = self.locate(rank, manifest.step)
+        if ref is None:
+            raise StoreError(f"rank {rank} step {manifest.step} vanished right after installing")
+        return ref
 
     def drop(self, rank: int, step: int) -> bool:
         """Forget `rank`'s committed `step` (reported corrupt); True if it was held."""

@@ -224,6 +224,18 @@ class PersistentStore:
             )
         return manifest
 
+    def mark_bad(self, rank: int, step: int) -> None:
+        """Set aside `rank`'s copy of `step` after it failed verification (kept for inspection)."""
+        path = self.step_dir(step) / f"rank-{rank}.manifest.json"
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+        log.error(
+            "persisted rank %d step %d failed verification; set aside as %s.corrupt",
+            rank,
+            step,
+            path.name,
+        )
+
     def collect(self) -> list[int]:
         """Delete all but the newest `keep` steps that every rank found has complete; return them.
 

@@ -44,6 +44,9 @@ class LocalSpec:
     tee: bool = False
     run_dir: Path | None = None
     job_id: str = ""
+    persist_dir: Path | None = None
+    persist_every: int = 0
+    persist_interval_s: float = 0.0
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -138,6 +141,15 @@ class LocalTestbed:
             command += ["--memory-limit", spec.memory_limit]
         if spec.tee:
             command.append("--tee")
+        if spec.persist_dir is not None:
+            command += [
+                "--persist-dir",
+                str(spec.persist_dir),
+                "--persist-every",
+                str(spec.persist_every),
+                "--persist-interval",
+                str(spec.persist_interval_s),
+            ]
         for fault in spec.faults:
             command += ["--fault", fault]
         return [*command, str(spec.script), *spec.script_args]
