@@ -154,6 +154,8 @@ class AgentConfig:
     persist_every_steps: int = 0
     persist_every_s: float = 0.0
     persist_keep: int = 2
+    hang_timeout_s: float = 600.0
+    """A generation in which no step completes for this long is hung: its workers are restarted."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.machine < self.machines:
@@ -176,6 +178,8 @@ class AgentConfig:
             )
         if self.persist_dir is None and (self.persist_every_steps or self.persist_every_s):
             raise ConfigError("--persist-every/--persist-interval need --persist-dir")
+        if self.hang_timeout_s <= 0:
+            raise ConfigError(f"--hang-timeout must be positive, got {self.hang_timeout_s}")
         if self.memory_limit <= 0:
             raise ConfigError(f"--memory-limit must be positive, got {self.memory_limit}")
         if len(str(self.socket_path)) > 100:

@@ -22,7 +22,12 @@ class FaultPoint(str, Enum):
     """While `step` is being written, after some chunks and before the manifest."""
 
 
-_KINDS = {"kill-worker": ("step", "rank", "machine", "point")}
+_KINDS = {
+    "kill-worker": ("step", "rank", "machine", "point"),
+    # The trainer stops making progress (SIGSTOP, as a trainer stuck in a collective looks from
+    # outside) right after committing `step`.
+    "hang": ("step", "rank", "machine"),
+}
 KNOWN_KINDS = tuple(_KINDS)
 
 
@@ -88,12 +93,12 @@ def parse_fault(text: str) -> FaultSpec:
         if key in fields:
             raise FaultSpecError(f"parameter {key!r} is given twice in fault {text!r}")
         fields[key] = value.strip()
-    return _build_kill_worker(text, fields)
+    return _build_rank_fault(kind, text, fields)
 
 
-def _build_kill_worker(text: str, fields: dict[str, str]) -> FaultSpec:
+def _build_rank_fault(kind: str, text: str, fields: dict[str, str]) -> FaultSpec:
     if "step" not in fields:
-        raise FaultSpecError(f"fault {text!r} needs step=S (the step at which to kill)")
+        raise FaultSpecError(f"fault {text!r} needs step=S (the step at which it fires)")
     if ("rank" in fields) == ("machine" in fields):
         raise FaultSpecError(f"fault {text!r} needs exactly one of rank=R or machine=M")
     step = _int_field(text, "step", fields["step"], 1)
@@ -108,7 +113,7 @@ def _build_kill_worker(text: str, fields: dict[str, str]) -> FaultSpec:
         raise FaultSpecError(
             f"point={fields['point']!r} in fault {text!r} is not one of {choices}"
         ) from None
-    return FaultSpec("kill-worker", step, rank, machine, point, text.strip())
+    return FaultSpec(kind, step, rank, machine, point, text.strip())
 
 
 def resolve_faults(

@@ -76,3 +76,30 @@ def test_a_job_that_keeps_failing_stops_at_the_restart_limit(tmp_path):
     # The second attempt resumed from the step the first one had reached, from memory.
     restored = [e for e in records if e["event"] == ev.RESTORED]
     assert [(e["step"], e["source"]) for e in restored] == [(2, "local memory")]
+
+
+def test_a_hung_trainer_is_detected_and_the_job_resumes_from_memory(tmp_path):
+    spec = LocalSpec(
+        machines=1,
+        nproc_per_machine=2,
+        script=SCRIPT,
+        script_args=("--steps", "6"),
+        run_dir=tmp_path,
+        max_restarts=1,
+        faults=("hang@step=3,rank=1",),
+        hang_timeout_s=4.0,
+        stop_grace_s=1.0,
+    )
+    with LocalTestbed(spec) as bed:
+        code = bed.wait(200)
+    assert code == 0, bed.agent_log(0)
+    records = read_events([bed.event_file(0)])
+    injected = [e for e in records if e["event"] == ev.FAULT_INJECTED]
+    assert [(e["rank"], e["step"], e["signal"]) for e in injected] == [(1, 3, "SIGSTOP")]
+    hangs = [e for e in records if e["event"] == ev.HANG]
+    assert len(hangs) == 1
+    assert "no step completed within the 4 s deadline" in hangs[0]["reason"]
+    assert hangs[0]["t"] - injected[0]["t"] >= 4.0
+    (recovery,) = bed.summary().recoveries
+    assert recovery.restored_step == 3
+    assert recovery.sources == {0: "local memory", 1: "local memory"}

@@ -26,7 +26,10 @@ def test_random_rank_is_seeded():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("kil-worker@step=1,rank=0", "unknown fault kind 'kil-worker'.*known kinds: kill-worker"),
+        (
+            "kil-worker@step=1,rank=0",
+            "unknown fault kind .kil-worker.*known kinds: kill-worker, hang",
+        ),
         ("kill-worker", "has no parameters"),
         ("kill-worker@rank=0", "needs step=S"),
         ("kill-worker@step=1", "exactly one of rank=R or machine=M"),
@@ -49,3 +52,12 @@ def test_targets_outside_the_job_are_refused():
         resolve_faults([parse_fault("kill-worker@step=1,rank=4")], 2, 2)
     with pytest.raises(FaultSpecError, match="machine=2 .* outside the job's 2 machines"):
         resolve_faults([parse_fault("kill-worker@step=1,machine=2")], 2, 2)
+
+
+def test_hang_fault():
+    (fault,) = resolve_faults([parse_fault("hang@step=4,machine=1")], 2, 2)
+    assert (fault.kind, fault.rank, fault.step) == ("hang", 2, 4)
+    with pytest.raises(
+        FaultSpecError, match="unknown parameter 'point'.*hang takes step, rank, machine"
+    ):
+        parse_fault("hang@step=4,rank=0,point=mid-save")

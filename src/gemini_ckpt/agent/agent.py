@@ -24,6 +24,7 @@ from gemini_ckpt.coordination.kv import KV, TCPStoreKV
 from gemini_ckpt.errors import CorruptCheckpointError, RecoveryError, StoreError
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
+from gemini_ckpt.recovery.classify import MemberReport, classify
 from gemini_ckpt.recovery.plan import PERSISTENT_TIER, RestorePlan, plan_restore
 from gemini_ckpt.snapshot.copier import ChunkCopier
 from gemini_ckpt.store.local_store import LocalStore
@@ -41,6 +42,7 @@ class Outcome:
     succeeded: bool = False
     job_failed: str | None = None
     staging_failed: str | None = None
+    hang: str | None = None
     failures: list[WorkerExit] = field(default_factory=list)
 
 
@@ -210,10 +212,14 @@ class MachineAgent:
 
     def _supervise(self, generation: int) -> Outcome:
         marked_done = False
+        started = time.monotonic()
         while True:
             state, failures = self._workers.poll()
             if state is GroupState.FAILED:
                 return Outcome(failures=failures)
+            hang = self._hang(started) if state is GroupState.RUNNING else None
+            if hang is not None:
+                return Outcome(hang=hang)
             failure = self._coordinator.failure()
             if failure:
                 return Outcome(job_failed=failure)
@@ -226,6 +232,14 @@ class MachineAgent:
                 if self._coordinator.all_done(generation):
                     return Outcome(succeeded=True)
             time.sleep(_POLL_S)
+
+    def _hang(self, started: float) -> str | None:
+        step, at = self._service.last_progress()
+        report = MemberReport(alive=True, last_step=step, last_step_at=at)
+        incident = classify(
+            time.monotonic(), {self.config.machine: report}, self.config.hang_timeout_s, started
+        )
+        return incident.reason if incident is not None else None
 
     def _end_generation(self, generation: int, outcome: Outcome) -> int | None:
         """Stop this generation's workers; return the next generation, or None if the job ends."""
@@ -246,6 +260,18 @@ class MachineAgent:
             log.warning("generation %d failed: %s", generation, "; ".join(reasons))
             new = self._coordinator.request_restart(
                 self.config.machine, generation, {"failures": reasons, "detected": detected}
+            )
+        elif outcome.hang:
+            self._events.emit(
+                events.HANG,
+                generation=generation,
+                reason=outcome.hang,
+                ranks=list(self.config.ranks),
+                last_committed=self._service.last_progress()[0],
+            )
+            log.warning("generation %d is hung: %s", generation, outcome.hang)
+            new = self._coordinator.request_restart(
+                self.config.machine, generation, {"failures": [outcome.hang]}
             )
         elif outcome.staging_failed:
             new = self._coordinator.request_restart(

@@ -1,4 +1,7 @@
-"""Executes the kill-worker faults aimed at this machine's ranks, with real signals, once each."""
+"""Executes the faults aimed at this machine's ranks, with real signals, once each.
+
+`kill-worker` sends SIGKILL; `hang` sends SIGSTOP (the process stays, but makes no progress).
+"""
 
 from __future__ import annotations
 
@@ -55,7 +58,10 @@ class FaultInjector:
     def _fire(self, fault: ResolvedFault | None, pid: int | None) -> bool:
         if fault is None or pid is None:
             return False
-        log.warning("fault %s: sending SIGKILL to rank %d (pid %d)", fault.name, fault.rank, pid)
+        sig = signal.SIGSTOP if fault.kind == "hang" else signal.SIGKILL
+        log.warning(
+            "fault %s: sending %s to rank %d (pid %d)", fault.name, sig.name, fault.rank, pid
+        )
         self._events.emit(
             events.FAULT_INJECTED,
             fault=fault.name,
@@ -63,9 +69,10 @@ class FaultInjector:
             step=fault.step,
             point=fault.point.value,
             pid=pid,
+            signal=sig.name,
         )
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
         except ProcessLookupError:
             return False
         return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ class Connection:
 @dataclass
 class _Progress:
     reported: int | None = None
+    at: float = field(default_factory=time.monotonic)
     timings: dict[int, dict[int, Any]] = field(default_factory=dict)
 
 
@@ -89,6 +91,11 @@ class TrainerService:
         """Stop serving the current generation: waits in `begin` give up with `reason`."""
         with self._lock:
             self._stopping = reason
+
+    def last_progress(self) -> tuple[int | None, float]:
+        """This machine's newest step committed by all its ranks, and when (monotonic seconds)."""
+        with self._lock:
+            return self._progress.reported, self._progress.at
 
     def pid(self, rank: int) -> int | None:
         """Process id of `rank`'s trainer in this generation, if it said hello."""
@@ -180,6 +187,7 @@ class TrainerService:
             ):
                 return
             self._progress.reported = floor
+            self._progress.at = time.monotonic()
             timings = self._progress.timings.pop(floor, {})
             for old in [s for s in self._progress.timings if s < floor]:
                 del self._progress.timings[old]

@@ -8,6 +8,8 @@ description of how each worker ended.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -140,6 +142,10 @@ class WorkerGroup:
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM every worker still running, SIGKILL what is left after `timeout_s`."""
         if self._context is not None:
+            for pid in self._context.pids().values():
+                # A stopped (hung) process receives nothing until it is continued.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
             self._context.close(death_sig=signal.SIGTERM, timeout=max(1, int(timeout_s)))
             self._context = None
 

@@ -81,6 +81,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         help="seconds a stopping worker gets to commit a save under way",
     )
     parser.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=float(_env("HANG_TIMEOUT", "600")),
+        help="restart the workers when no step completes for this many seconds",
+    )
+    parser.add_argument(
         "--persist-dir",
         default=_env("PERSIST_DIR", ""),
         help="persistent tier: a directory every machine of the job can reach",
@@ -179,6 +185,7 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
         persist_every_steps=args.persist_every,
         persist_every_s=args.persist_interval,
         persist_keep=args.persist_keep,
+        hang_timeout_s=args.hang_timeout,
     )
     return dataclasses.replace(config, faults=tuple(f for f in faults if f.rank in config.ranks))
 

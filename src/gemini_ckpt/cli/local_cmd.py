@@ -67,6 +67,7 @@ def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
         "persist_dir": Path(args.persist_dir) if args.persist_dir else None,
         "persist_every": args.persist_every,
         "persist_interval_s": args.persist_interval,
+        "hang_timeout_s": args.hang_timeout,
     }
     fields.update(overrides)
     return LocalSpec(**fields)  # type: ignore[arg-type]

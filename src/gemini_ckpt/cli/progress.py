@@ -26,7 +26,8 @@ def event_line(event: dict[str, Any]) -> str | None:
             f" {_ms(event.get('copy_s', 0))} copy"
         )
     if kind == ev.FAULT_INJECTED:
-        return f"!! fault {event['fault']}: SIGKILL to rank {event['rank']} (pid {event['pid']})"
+        sig = event.get("signal", "SIGKILL")
+        return f"!! fault {event['fault']}: {sig} to rank {event['rank']} (pid {event['pid']})"
     if kind == ev.WORKER_FAILED:
         line = (
             f"!! machine {event['machine']}: {event['description']}; last committed step "
@@ -36,6 +37,8 @@ def event_line(event: dict[str, Any]) -> str | None:
         if int(event.get("exitcode", 0)) > 0 and tail:
             line += f"\n   last error output: {tail[-1].strip()}"
         return line
+    if kind == ev.HANG:
+        return f"!! machine {event['machine']}: {event['reason']}"
     if kind == ev.PLAN and event.get("machine") == 0:
         return f"-> generation {event['generation']}: {event['reason']}"
     if kind == ev.RESTORED:

@@ -102,7 +102,9 @@ def summarize(records: list[dict[str, Any]]) -> RunSummary:
 def _recovery(records: list[dict[str, Any]], generation: int) -> Recovery:
     previous = generation - 1
     failed = [
-        e for e in records if e.get("event") == ev.WORKER_FAILED and e.get("generation") == previous
+        e
+        for e in records
+        if e.get("event") in (ev.WORKER_FAILED, ev.HANG) and e.get("generation") == previous
     ]
     injected = [
         e
@@ -138,7 +140,7 @@ def _recovery(records: list[dict[str, Any]], generation: int) -> Recovery:
     ]
     return Recovery(
         generation=generation,
-        failures=[str(e.get("description")) for e in failed],
+        failures=[str(e.get("description") or e.get("reason")) for e in failed],
         failed_at=failed_at,
         detected_at=detected_at,
         highest_committed=max(committed) if committed else None,

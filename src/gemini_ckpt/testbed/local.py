@@ -47,6 +47,7 @@ class LocalSpec:
     persist_dir: Path | None = None
     persist_every: int = 0
     persist_interval_s: float = 0.0
+    hang_timeout_s: float = 600.0
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -136,6 +137,8 @@ class LocalTestbed:
             str(spec.stop_grace_s),
             "--fault-seed",
             str(spec.fault_seed),
+            "--hang-timeout",
+            str(spec.hang_timeout_s),
         ]
         if spec.memory_limit:
             command += ["--memory-limit", spec.memory_limit]
