@@ -227,3 +227,43 @@ def shm_root() -> Path:
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
     """This process's environment plus `extra`, for processes it starts."""
     return {**os.environ, **extra}
+
+
+def parse_endpoints(text: str) -> tuple[str, ...]:
+    """Parse `HOST:PORT[,HOST:PORT...]` (the `--etcd` flag) into a tuple of `host:port` strings.
+
+    Raises:
+        ConfigError: an entry has no host, or its port is not an integer in 1..65535.
+    """
+    endpoints = []
+    for raw in text.split(","):
+        entry = raw.strip().removeprefix("http://")
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"not an etcd endpoint: {raw.strip()!r} (expected HOST:PORT[,...])")
+        endpoints.append(f"{host}:{int(port)}")
+    return tuple(endpoints)
+
+
+@dataclass(frozen=True)
+class EtcdClientConfig:
+    """How to reach an etcd cluster (v3 API over gRPC, plain text).
+
+    `request_timeout_s` bounds every call that is not given its own timeout. One call tries the
+    endpoints in turn; `attempt_timeout_s` bounds the time spent on one endpoint before the next
+    is tried, so a member that is alive but cut off from the others costs at most that much.
+    """
+
+    endpoints: tuple[str, ...]
+    request_timeout_s: float = 5.0
+    attempt_timeout_s: float = 1.0
+    connect_timeout_s: float = 3.0
+    """How long `start()` waits for one endpoint to answer before giving up."""
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise ConfigError("no etcd endpoints given")
+        parse_endpoints(",".join(self.endpoints))
+        for name in ("request_timeout_s", "attempt_timeout_s", "connect_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"etcd {name} must be > 0, got {getattr(self, name)}")

@@ -66,3 +66,24 @@ class PlacementError(GeminiError):
 
 class SimulationError(GeminiError):
     """A simulation scenario, measured-input file or simulator setting is invalid."""
+
+
+class CoordinationUnavailableError(CoordinationError):
+    """No coordination endpoint answered within the call's timeout.
+
+    The message names the endpoints tried. Each call's docstring says whether it is safe to retry
+    (reads and idempotent writes are) or whether its outcome is unknown (a transaction sent to a
+    server that went away may have been applied: re-read before deciding again).
+    """
+
+
+class LeaseLostError(CoordinationError):
+    """A lease expired or was revoked; the keys attached to it are gone."""
+
+
+class NotLeaderError(CoordinationError):
+    """A fenced write was refused: the writer no longer holds the leadership it was granted."""
+
+
+class EtcdServerError(CoordinationError):
+    """A private etcd server could not be started, did not become healthy, or did not stop."""

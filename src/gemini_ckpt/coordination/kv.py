@@ -1,8 +1,10 @@
 """The small key-value interface the job coordinator needs, and its implementations.
 
-`MemoryKV` is for unit tests; `TCPStoreKV` wraps torch's TCPStore, which every torch installation
-has, for jobs coordinated without etcd. Keys are strings, values bytes. Every call is atomic on its
-own; none blocks waiting for a key to appear (waiting is the coordinator's job, with timeouts).
+`MemoryKV` (in `memory_kv.py`, re-exported here) is for unit tests and implements the whole
+control-plane interface (`ControlKV`, in `control_kv.py`); `TCPStoreKV` wraps torch's TCPStore,
+which every torch installation has, for jobs coordinated without etcd; `EtcdKV` (in `etcd_kv.py`)
+is the production `ControlKV`. Keys are strings, values bytes. Every call is atomic on its own;
+none blocks waiting for a key to appear (waiting is the coordinator's job, with timeouts).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
+from gemini_ckpt.coordination.memory_kv import MemoryKV
 from gemini_ckpt.errors import CoordinationError
+
+__all__ = ["KV", "MemoryKV", "TCPStoreKV"]
 
 # Exported at run time; torch's type stubs do not list it.
 _TCPStore: Any = getattr(dist, "TCPStore")  # noqa: B009
@@ -43,47 +48,6 @@ class KV(Protocol):
 
     def close(self) -> None:
         """Release the connection (idempotent)."""
-
-
-class MemoryKV:
-    """An in-process KV for unit tests; thread-safe. See `KV`."""
-
-    def __init__(self) -> None:
-        self._data: dict[str, bytes] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> bytes | None:
-        """See `KV.get`."""
-        with self._lock:
-            return self._data.get(key)
-
-    def set(self, key: str, value: bytes) -> None:
-        """See `KV.set`."""
-        with self._lock:
-            self._data[key] = value
-
-    def add(self, key: str, delta: int) -> int:
-        """See `KV.add`."""
-        with self._lock:
-            value = int(self._data.get(key, b"0")) + delta
-            self._data[key] = str(value).encode()
-            return value
-
-    def compare_set(self, key: str, expected: bytes | None, desired: bytes) -> bool:
-        """See `KV.compare_set`."""
-        with self._lock:
-            if self._data.get(key) != expected:
-                return False
-            self._data[key] = desired
-            return True
-
-    def delete(self, key: str) -> None:
-        """See `KV.delete`."""
-        with self._lock:
-            self._data.pop(key, None)
-
-    def close(self) -> None:
-        """See `KV.close`."""
 
 
 class TCPStoreKV:
