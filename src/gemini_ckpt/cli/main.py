@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "gemini_ckpt.cli.simulate_cmd",
     "gemini_ckpt.cli.recommend_cmd",
     "gemini_ckpt.cli.placement_cmd",
+    "gemini_ckpt.cli.etcd_cmd",
 )
 
 
