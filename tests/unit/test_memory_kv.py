@@ -149,7 +149,7 @@ def test_keeper_keeps_the_lease_and_revokes_on_close():
     lease = kv.grant_lease(1)
     kv.put("k/a", b"1", lease=lease.id)
     with LeaseKeeper(kv, lease) as keeper:
-        time.sleep(1.5)  # longer than the TTL: only refreshes keep the key
+        time.sleep(1.2)  # longer than the TTL: only refreshes keep the key
         assert kv.get("k/a") == b"1"
         assert keeper.lost is None
         assert threading.current_thread().name != f"gemini-lease-{lease.id:x}"

@@ -300,9 +300,12 @@ class EtcdKV:
                 iter([etcdrpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=t
             )
             try:
-                return next(call)
+                response = next(call, None)
             finally:
                 call.cancel()
+            if response is None:
+                raise CoordinationError(f"etcd ended the keep-alive of lease {lease_id:x} silently")
+            return response
 
         ttl = int(self._pool.call("lease refresh", keep_alive, timeout_s).TTL)
         if ttl <= 0:

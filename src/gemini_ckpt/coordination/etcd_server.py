@@ -209,7 +209,11 @@ class EtcdServer:
         self._wait_healthy([index])
 
     def stop(self) -> None:
-        """Stop every member (SIGTERM, then SIGKILL) and remove temporary data (idempotent)."""
+        """Stop every member and remove temporary data (idempotent).
+
+        Members with data to keep (a single one, or `data_dir` given) get SIGTERM, then SIGKILL
+        after `stop_timeout_s`, one after the other; a cluster on temporary data gets SIGKILL.
+        """
         self._terminate_all()
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
@@ -299,13 +303,18 @@ class EtcdServer:
             return "(no log)"
 
     def _terminate_all(self) -> None:
-        running = [p for p in self._procs if p is not None and p.poll() is None]
-        for proc in running:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.stop_timeout_s
-        for proc in running:
+        # Temporary data of a cluster: nothing to keep, and a leader told to stop waits seconds
+        # to hand over to peers that are stopping too. Otherwise one member at a time, politely.
+        polite = self.config.members == 1 or self.config.data_dir is not None
+        for proc in self._procs:
+            if proc is None or proc.poll() is not None:
+                continue
+            if not polite:
+                proc.kill()
+            else:
+                proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
+                proc.wait(self.config.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("etcd pid %d ignored SIGTERM; killing it", proc.pid)
                 proc.kill()

@@ -8,8 +8,9 @@ client) builds the requests and passes in the stubs. What it decides:
   there, a probe read must succeed on it within the attempt timeout, so a request that cannot be
   retried is only sent to a member that just answered.
 * `EndpointPool.call` retries a call on the next endpoint until its timeout runs out, unless told
-  not to (transactions): then a failure after sending raises `CoordinationUnavailableError`
-  saying the outcome is unknown.
+  not to (transactions): then only a call that never left (the channel could not connect) is
+  retried, and a failure after sending raises `CoordinationUnavailableError` saying the outcome
+  is unknown.
 * `ResumableWatch` keeps one watch stream open on a thread of its own and re-opens it on the next
   endpoint, from the revision after the last event it delivered, when the stream breaks.
 """
@@ -52,6 +53,17 @@ _CHANNEL_OPTIONS = [
 ]
 # Watch only on a member that has a leader: a member cut off from the others ends the stream.
 _REQUIRE_LEADER = (("hasleader", "true"),)
+
+
+def never_sent(code: grpc.StatusCode, details: str | None) -> bool:
+    """Whether a failed call certainly never reached a server (so any call may be retried).
+
+    gRPC fails a call at once, with this text, when its channel cannot connect; etcd's own Go
+    client draws the same line from its gRPC library's error text.
+    """
+    return code == grpc.StatusCode.UNAVAILABLE and "failed to connect to all addresses" in str(
+        details
+    )
 
 
 class Endpoint:
@@ -157,7 +169,7 @@ class EndpointPool:
                 if code not in TRANSIENT:
                     raise CoordinationError(f"etcd {what} failed: {code.name}: {details}") from e
                 self.failed(endpoint)
-                if not retry:
+                if not retry and not never_sent(code, details):
                     raise CoordinationUnavailableError(
                         f"etcd {what} at {endpoint.address} failed ({code.name}: {details}); "
                         "it may or may not have been applied"
@@ -256,11 +268,12 @@ class ResumableWatch:
             except grpc.RpcError as e:
                 if self._stop.is_set():
                     return
+                if e.code() not in TRANSIENT:
+                    self._give_up(CoordinationError(f"etcd refused {self._name}: {e.details()}"))
+                    return
                 log.info("%s broke: %s", self._name, e.code())
             except CoordinationError as e:
-                self._error = e
-                self._created.set()
-                self._dispatcher.fail(e)
+                self._give_up(e)
                 return
             if endpoint is None or self._stop.is_set():
                 return
@@ -268,6 +281,12 @@ class ResumableWatch:
             self._pool.failed(endpoint)
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 1.0)
+
+    def _give_up(self, error: CoordinationError) -> None:
+        log.warning("%s stopped: %s", self._name, error)
+        self._error = error
+        self._created.set()
+        self._dispatcher.fail(error)
 
     def _stream(self, endpoint: Endpoint) -> bool:
         """Run one stream until it ends; whether it got as far as being created."""

@@ -1,0 +1,70 @@
+"""A 3-member loopback etcd cluster keeps serving through one member's death."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import grpc
+import pytest
+from pyetcd import etcdrpc
+
+from gemini_ckpt.config import EtcdClientConfig
+from gemini_ckpt.coordination.control_kv import Compare, Put
+from gemini_ckpt.coordination.election import Election, fenced_txn
+from gemini_ckpt.coordination.etcd_kv import EtcdKV
+from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
+from gemini_ckpt.coordination.lease import LeaseKeeper
+from gemini_ckpt.coordination.watch import EventQueue
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd missing (package etcd-server)"),
+]
+
+
+def _raft_leader(endpoints: tuple[str, ...]) -> int:
+    """Index of the member that leads the raft group (asked directly, for the test's sake)."""
+    for i, endpoint in enumerate(endpoints):
+        with grpc.insecure_channel(endpoint) as channel:
+            status = etcdrpc.MaintenanceStub(channel).Status(etcdrpc.StatusRequest(), timeout=2)
+            if status.leader == status.header.member_id:
+                return i
+    raise AssertionError("no member says it leads")
+
+
+def test_killing_the_leader_member_stops_nothing():
+    with EtcdServer(EtcdServerConfig(members=3)) as cluster:
+        leader = _raft_leader(cluster.endpoints)
+        # The client starts on the raft leader, so its death costs both a new raft election and
+        # a client failover.
+        others = [e for i, e in enumerate(cluster.endpoints) if i != leader]
+        ordered = (cluster.endpoints[leader], *others)
+        config = EtcdClientConfig(ordered, request_timeout_s=5, attempt_timeout_s=0.5)
+        with EtcdKV(config).start() as kv:
+            lease = kv.grant_lease(2)
+            kv.put("member/m0", b"up", lease=lease.id)
+            election = Election(kv, "root/leader", "m0")
+            root = election.campaign(lease.id, timeout_s=2)
+            events = EventQueue()
+            with kv.watch_prefix("plan/", events.put, start_revision=0), LeaseKeeper(kv, lease):
+                fenced_txn(kv, root, [Put("plan/1", b"a")])
+                cluster.kill(leader)
+                started = time.monotonic()
+                fenced_txn(kv, root, [Put("plan/2", b"b")])  # the first call after the kill
+                failover_s = time.monotonic() - started
+                for i in range(3, 6):
+                    kv.put(f"plan/{i}", b"c")
+                assert kv.txn([Compare.exists("plan/5")], [Put("plan/6", b"d")]).succeeded
+                got = [events.get(5) for _ in range(6)]
+                assert [e.key for e in got if e is not None] == [f"plan/{i}" for i in range(1, 7)]
+                assert kv.get("member/m0") == b"up"  # the lease survived the election
+                assert election.leader().candidate == "m0"
+
+            cluster.restart(leader)
+            only_restarted = EtcdClientConfig((cluster.endpoints[leader],))
+            with EtcdKV(only_restarted).start() as caught_up:
+                assert caught_up.get("plan/6") == b"d"
+    # The transaction could not connect to the dead member, so it was never sent there and went to
+    # the next one, which answered once the others had elected a new raft leader.
+    assert failover_s < 2.0
