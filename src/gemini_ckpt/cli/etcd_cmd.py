@@ -3,7 +3,8 @@
 Prints the endpoint to give every machine's agent (`--etcd HOST:PORT`) on stdout, then serves until
 interrupted (Ctrl-C or SIGTERM), when it stops etcd and, unless `--data-dir` was given, removes its
 data. Every flag has a `GEMINI_ETCD_*` environment twin. One member only: for a fault-tolerant
-cluster, run etcd itself on three hosts and pass all three endpoints to `--etcd`.
+cluster, run etcd itself on three hosts and pass all three endpoints to `--etcd`. The server has
+no TLS and no authentication: listen on a trusted network only.
 """
 
 from __future__ import annotations

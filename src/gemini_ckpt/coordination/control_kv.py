@@ -210,6 +210,9 @@ class ControlKV(Protocol):
     `CoordinationUnavailableError` when no endpoint answered in time, and is safe to retry: the
     etcd implementation retries reads, puts, deletes and lease calls on the next endpoint within
     the timeout by itself, so an outage shorter than the timeout is invisible to callers.
+
+    Call order: a started implementation (`EtcdKV.start()`; `MemoryKV` needs none), any calls
+    from any threads, then `close()`.
     """
 
     def get(self, key: str, *, timeout_s: float | None = None) -> bytes | None:
@@ -247,6 +250,9 @@ class ControlKV(Protocol):
 
     def put(self, key: str, value: bytes, *, lease: int = 0, timeout_s: float | None = None) -> int:
         """Create or overwrite `key`, attached to `lease` (0: none); returns the new revision.
+
+        Retried across endpoints, so after an outage the same put may land twice (two
+        revisions, same value).
 
         Raises:
             LeaseLostError: `lease` does not exist (expired or revoked); nothing was written.

@@ -110,6 +110,7 @@ def member_command(config: EtcdServerConfig, member: Member, cluster: list[Membe
         f"--initial-cluster-token=gemini-{cluster[0].peer_port}",
         f"--heartbeat-interval={config.heartbeat_ms}",
         f"--election-timeout={config.election_ms}",
+        "--logger=zap",
         "--log-level=warn",
     ]
 
@@ -174,6 +175,9 @@ class EtcdServer:
             except _PortTakenError as e:
                 log.info("etcd port taken (attempt %d): %s", attempt, e)
                 self._terminate_all()
+                if self.config.data_dir is None:  # members that did start recorded the old ports
+                    for member in self._members:
+                        shutil.rmtree(member.data_dir, ignore_errors=True)
                 continue
             except BaseException:
                 self.stop()
