@@ -264,3 +264,26 @@ def test_ddp_model_and_every_dtype(agent: EmbeddedAgent):
         assert_same(model2.state_dict(), expected)
     finally:
         dist.destroy_process_group()
+
+
+def test_parameters_no_optimizer_owns_are_captured_at_save_time(agent: EmbeddedAgent):
+    model, optimizer, *_ = setup()
+    ema = torch.nn.Parameter(torch.full((1 << 20,), 5.0), requires_grad=False)
+    model.register_parameter("ema", ema)  # updated by hand, not by the optimizer
+    with Checkpointer(model, optimizer, config=agent.trainer_config()) as ckpt:
+        ckpt.save(1)
+        with torch.no_grad():
+            ema.fill_(6.0)  # the next iteration changes it while the copy may still run
+    agent.restart()
+    model2, optimizer2, *_ = setup()
+    model2.register_parameter("ema", torch.nn.Parameter(torch.zeros(1 << 20), requires_grad=False))
+    with Checkpointer(model2, optimizer2, config=agent.trainer_config()) as ckpt:
+        assert ckpt.restore() == 1
+    assert torch.equal(model2.ema, torch.full((1 << 20,), 5.0))
+
+
+def test_without_an_optimizer_everything_is_cloned():
+    model = make_model()
+    flat = TrainingState(model, []).capture(clone_unstable=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert not params & {t.untyped_storage().data_ptr() for t in flat.tensors}

@@ -1,9 +1,10 @@
 """What a rank's training state is made of, how it is captured at `save()` and loaded at restore.
 
 The state is one tree: model, optimizers, LR scheduler, the user's extra state (data position, ...)
-and RNG states. At capture, parameter and optimizer tensors are only referenced: they change solely
-inside `optimizer.step()`, which waits for the background copy. Everything else (module buffers,
-which forward passes update in place, and the small state) is cloned on the spot.
+and RNG states. At capture, the parameters an optimizer updates and its state are only referenced:
+they change solely inside `optimizer.step()`, which waits for the background copy. Everything else
+(module buffers, which forward passes update in place, parameters no given optimizer owns, and the
+small state) is cloned on the spot.
 """
 
 from __future__ import annotations
@@ -39,9 +40,16 @@ class TrainingState:
     extra_state: Stateful | None = None
 
     def stable_storages(self) -> set[int]:
-        """Storages that change only inside `optimizer.step()`: parameters and optimizer state."""
-        ptrs = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        """Storages that change only inside a hooked `optimizer.step()`.
+
+        Those are the parameters the given optimizers update and their optimizer state. Any other
+        parameter (frozen, updated by hand or in `forward`, as for an EMA) may change while the
+        background copy runs, so it is not in this set and gets cloned at `save()`.
+        """
+        ptrs: set[int] = set()
         for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                ptrs.update(p.untyped_storage().data_ptr() for p in group["params"])
             for per_param in optimizer.state.values():
                 values = per_param.values() if isinstance(per_param, dict) else [per_param]
                 ptrs.update(
