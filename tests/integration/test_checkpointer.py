@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from gemini_ckpt import Checkpointer, CorruptCheckpointError, MemoryBudgetError, RestoreError
 from gemini_ckpt.agent.embedded import EmbeddedAgent
-from gemini_ckpt.errors import RecoveryError, SnapshotError
+from gemini_ckpt.errors import GeminiError, RecoveryError, SnapshotError
 from gemini_ckpt.snapshot.agent_client import AgentClient
 from gemini_ckpt.snapshot.state import TrainingState
 from helpers.models import Position, assert_same, make_model, train_step
@@ -287,3 +287,40 @@ def test_without_an_optimizer_everything_is_cloned():
     flat = TrainingState(model, []).capture(clone_unstable=True)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert not params & {t.untyped_storage().data_ptr() for t in flat.tensors}
+
+
+def test_a_begin_left_waiting_from_an_old_generation_cannot_abort_a_new_write(agent: EmbeddedAgent):
+    model, optimizer, *_ = setup()
+    with Checkpointer(model, optimizer, config=agent.trainer_config()) as ckpt:
+        ckpt.save(1)
+        ckpt.save(2)
+    # An old trainer's connection: slots hold {1, 2}; its begin(3) must wait for step 2 to be
+    # complete job-wide, which in generation 1 it already is; make it wait on an unmet step.
+    old = AgentClient(agent.config.socket_path, 30.0)
+    old.connect()
+    old.request("hello", rank=0, pid=1, generation=0)
+    agent.coordinator._kv.delete("gemini/" + agent.config.job_id + "/gen0/complete/2")
+    import threading
+
+    outcome: dict[str, BaseException] = {}
+
+    def stale_begin() -> None:
+        try:
+            old.request("begin", rank=0, step=3)
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = e
+
+    waiter = threading.Thread(target=stale_begin)
+    waiter.start()
+    agent.restart()  # generation 1 starts while the old begin still waits
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert isinstance(
+        outcome["error"], GeminiError
+    )  # told the generation is over, not left waiting
+    old.close()  # its disconnect must not touch the new generation's write below
+    model2, optimizer2, *_ = setup()
+    with Checkpointer(model2, optimizer2, config=agent.trainer_config()) as ckpt:
+        assert ckpt.restore() == 2
+        ckpt.save(3)
+    assert agent.store.inventory() == {0: [2, 3]}

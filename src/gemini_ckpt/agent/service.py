@@ -29,9 +29,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Connection:
-    """Per-connection state: the rank that introduced itself on it."""
+    """Per-connection state: its rank, its generation, and the step it is writing.
+
+    A closed connection aborts only the write it began itself.
+    """
 
     rank: int | None = None
+    generation: int = -1
+    writing: int | None = None
 
 
 @dataclass
@@ -102,8 +107,10 @@ class TrainerService:
         with self._lock:
             return self._pids.get(rank)
 
-    def _abort_reason(self) -> str | None:
+    def _abort_reason(self, generation: int) -> str | None:
         with self._lock:
+            if generation != self._generation:
+                return f"generation {generation} is over"
             return self._stopping
 
     # -- dispatch --------------------------------------------------------------------------------
@@ -121,12 +128,13 @@ class TrainerService:
 
     def disconnected(self, conn: Connection) -> None:
         """A trainer's connection closed: an unfinished write of its rank is torn, forget it."""
-        if conn.rank is None:
+        if conn.rank is None or conn.writing is None:
             return
-        step = self._store.abort_writes(conn.rank)
-        if step is not None:
+        if self._store.abort_write(conn.rank, conn.writing):
             log.warning(
-                "rank %d disconnected while writing step %d; the slot is discarded", conn.rank, step
+                "rank %d disconnected while writing step %d; the slot is discarded",
+                conn.rank,
+                conn.writing,
             )
 
     def _hello(self, request: Request, conn: Connection) -> dict[str, Any]:
@@ -137,6 +145,7 @@ class TrainerService:
                     f"generation {self._generation}; refusing it"
                 )
             self._pids[request["rank"]] = request["pid"]
+            conn.generation = self._generation
         conn.rank = request["rank"]
         return {
             "job": self._config.job_id,
@@ -157,22 +166,32 @@ class TrainerService:
         )
         return {"capacity": capacity}
 
-    def _begin(self, request: Request, _conn: Connection) -> dict[str, Any]:
+    def _begin(self, request: Request, conn: Connection) -> dict[str, Any]:
         rank, step = request["rank"], request["step"]
         grant = self._store.prepare_write(rank, step)
         if grant.overwrites is not None and grant.keep is not None:
             # The slot to reuse holds an older step; the other slot's step must be held by every
             # rank of the job first, or a failure now could leave no step common to all ranks.
             self._coordinator.wait_complete(
-                self._generation, grant.keep, self._config.commit_wait_timeout_s, self._abort_reason
+                conn.generation,
+                grant.keep,
+                self._config.commit_wait_timeout_s,
+                lambda: self._abort_reason(conn.generation),
             )
-        path = self._store.begin_write(rank, grant)
+        with self._lock:
+            if conn.generation != self._generation:
+                raise RecoveryError(
+                    f"generation {conn.generation} is over; step {step} not written"
+                )
+            path = self._store.begin_write(rank, grant)
+            conn.writing = step
         return {"slot": grant.slot, "path": str(path), "job": self._config.job_id}
 
-    def _commit(self, request: Request, _conn: Connection) -> dict[str, Any]:
+    def _commit(self, request: Request, conn: Connection) -> dict[str, Any]:
         rank = request["rank"]
         manifest = Manifest.from_dict(request["manifest"])
         self._store.commit(rank, request["slot"], manifest)
+        conn.writing = None
         self._record_progress(rank, manifest.step, request.fields.get("timing") or {})
         self._injector.after_commit(rank, manifest.step, self.pid(rank))
         return {}
@@ -204,9 +223,12 @@ class TrainerService:
             **(timings.get(first, {}) if first is not None else {}),
         )
 
-    def _abort(self, request: Request, _conn: Connection) -> dict[str, Any]:
-        step = self._store.abort_writes(request["rank"])
-        log.warning("rank %d abandoned step %s: %s", request["rank"], step, request["reason"])
+    def _abort(self, request: Request, conn: Connection) -> dict[str, Any]:
+        if self._store.abort_write(request["rank"], request["step"]):
+            log.warning(
+                "rank %d abandoned step %d: %s", request["rank"], request["step"], request["reason"]
+            )
+        conn.writing = None
         return {}
 
     def _restore(self, request: Request, _conn: Connection) -> dict[str, Any]:

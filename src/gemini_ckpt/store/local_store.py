@@ -172,6 +172,16 @@ class LocalStore:
         with self._lock:
             return self._slots(rank).abort_writing() if rank in self._ranks else None
 
+    def abort_write(self, rank: int, step: int) -> bool:
+        """Forget `rank`'s unfinished write of `step` (only that one); True if there was one."""
+        with self._lock:
+            slots = self._ranks.get(rank)
+            writing = slots.writing() if slots else None
+            if slots is None or writing is None or writing.step != step:
+                return False
+            slots.abort_writing()
+            return True
+
     def writing_step(self, rank: int) -> int | None:
         """The step `rank` is writing now, or None."""
         with self._lock:
