@@ -1,6 +1,7 @@
 """A tiny training script for launcher tests: a linear model on gloo, checkpointed every step."""
 
 import argparse
+import time
 
 import torch
 import torch.distributed as dist
@@ -10,6 +11,7 @@ from gemini_ckpt import Checkpointer
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=5)
 parser.add_argument("--raise-at", type=int, default=0, help="raise at this step, in every run")
+parser.add_argument("--sleep", type=float, default=0.0, help="seconds of idle compute per step")
 args = parser.parse_args()
 
 dist.init_process_group("gloo")
@@ -22,6 +24,7 @@ with Checkpointer(model, optimizer) as ckpt:
     for step in range(start, args.steps):
         if step + 1 == args.raise_at:
             raise RuntimeError(f"boom at step {step + 1}")
+        time.sleep(args.sleep)
         model(torch.randn(4, 16)).pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad()

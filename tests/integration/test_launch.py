@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,46 @@ def test_a_hung_trainer_is_detected_and_the_job_resumes_from_memory(tmp_path):
     (recovery,) = bed.summary().recoveries
     assert recovery.restored_step == 3
     assert recovery.sources == {0: "local memory", 1: "local memory"}
+
+
+def test_a_second_agent_for_the_same_machine_is_refused_and_the_first_unharmed(tmp_path):
+    def launch(name: str, *extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gemini_ckpt",
+                "launch",
+                "--standalone",
+                "--run-id",
+                f"dup-{tmp_path.name}",
+                "--run-dir",
+                str(tmp_path / name),
+                str(SCRIPT),
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    first = launch("a", "--steps", "30", "--sleep", "0.1")
+    events_file = tmp_path / "a" / "m0" / "events.jsonl"
+    deadline = time.monotonic() + 60
+    while not any(e["event"] == ev.PROGRESS for e in read_events([events_file])):
+        assert time.monotonic() < deadline and first.poll() is None, first.stdout.read()
+        time.sleep(0.2)
+    second = launch("b")
+    out, _ = second.communicate(timeout=60)
+    assert second.returncode == 2
+    assert "another agent (pid" in out
+    assert "give this job its own --run-id" in out
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
+
+
+def test_run_ids_must_be_safe_names(capsys):
+    from gemini_ckpt.cli.main import main
+
+    assert main(["launch", "--run-id", "../etc", str(SCRIPT)]) == 2
+    assert "must be 1-64 letters, digits" in capsys.readouterr().err

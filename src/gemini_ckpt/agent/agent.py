@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from gemini_ckpt.agent.claim import MachineClaim
 from gemini_ckpt.agent.fault_injector import FaultInjector
 from gemini_ckpt.agent.persister import Persister, PersistPolicy
 from gemini_ckpt.agent.server import ControlServer
@@ -82,6 +83,10 @@ class MachineAgent:
             config.socket_path, self._service.handle, Connection, self._service.disconnected
         )
         self._workers = WorkerGroup(config, config.machine_dir / "logs")
+        self._claim = MachineClaim(
+            config.shm_dir.with_name(f"{config.shm_dir.name}.lock"),
+            owned=(config.shm_dir, config.socket_path),
+        )
         self._copier = ChunkCopier(2)
         self._rdzv_store: TCPStoreKV | None = None
 
@@ -91,7 +96,12 @@ class MachineAgent:
         return self.config.machine == 0
 
     def start(self) -> None:
-        """Create the checkpoint memory, open the control socket, wait for the other agents."""
+        """Create the checkpoint memory, open the control socket, wait for the other agents.
+
+        Raises:
+            ConfigError: another agent already runs this job's machine on this host.
+        """
+        self._claim.acquire()
         self._events.start()
         self._store.start()
         if self._persister is not None:
@@ -128,6 +138,8 @@ class MachineAgent:
 
     def close(self) -> None:
         """Stop the workers and release everything this machine holds."""
+        if not self._claim.held:
+            return  # start() was refused: everything here belongs to the agent that holds it
         self._service.close_generation("agent shutting down")
         self._workers.stop()
         if self._persister is not None:
@@ -135,6 +147,7 @@ class MachineAgent:
         self._server.close()
         self._store.close()
         self._copier.close()
+        self._claim.release()
         with contextlib.suppress(OSError):
             # The job's directory goes with its last machine (rmdir fails while others remain).
             self.config.shm_dir.parent.rmdir()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import secrets
 import signal
 import sys
 import tempfile
@@ -29,6 +31,7 @@ def env_or(name: str, fallback: str) -> str:
 
 
 _env = env_or
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -139,8 +142,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--run-id",
         "--rdzv-id",
         "--rdzv_id",
-        default=_env("RUN_ID", "gemini"),
-        help="job id; the same on every machine of the job",
+        default=_env("RUN_ID", ""),
+        help="job id, the same on every machine of the job (default: 'gemini'; with "
+        "--standalone a new random id)",
     )
     p.add_argument(
         "--join-store",
@@ -155,6 +159,13 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
     """Build this machine's agent configuration from the parsed options."""
     if args.standalone:
         args.nnodes, args.node_rank, args.master_addr = 1, 0, "127.0.0.1"
+    if not args.run_id:
+        args.run_id = f"standalone-{secrets.token_hex(4)}" if args.standalone else "gemini"
+    if not _RUN_ID.match(args.run_id):
+        raise ConfigError(
+            f"--run-id {args.run_id!r} must be 1-64 letters, digits, '.', '_' or '-' "
+            "(it names files and directories)"
+        )
     if not Path(args.script).is_file():
         raise ConfigError(f"training script {args.script} does not exist")
     specs = [parse_fault(text) for text in args.fault]
