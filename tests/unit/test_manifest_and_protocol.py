@@ -37,7 +37,23 @@ def test_manifest_roundtrip():
     [
         ({"chunk_digests": ("a",)}, "1 chunk digests for 2 chunks"),
         ({"entries": (TensorEntry("float32", (8, 8), 64, 256),)}, "lies outside"),
-        ({"entries": (TensorEntry("float32", (1,), 3, 4),)}, "lies outside"),
+        ({"entries": (TensorEntry("float32", (1,), 3, 4),)}, "has offset 3 and size 4"),
+        ({"entries": (TensorEntry("float32", (1,), -64, 4),)}, "has offset -64"),
+        (
+            {
+                "entries": (
+                    TensorEntry("float32", (8, 8), 0, 256),
+                    TensorEntry("float32", (2,), 128, 8),
+                ),
+                "tensor_refs": (0, 1),
+            },
+            "overlaps another",
+        ),
+        (
+            {"entries": (TensorEntry("float32", (8, 9), 0, 256),)},
+            r"shape \[8, 9\] of float32 is not 256",
+        ),
+        ({"entries": (TensorEntry("float99", (8, 8), 0, 256),)}, "unknown dtype 'float99'"),
         ({"tensor_refs": (1,)}, "past the entry table"),
         ({"format": "other/9"}, "format"),
         ({"rank": 5}, "out of range"),

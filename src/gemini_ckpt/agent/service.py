@@ -190,6 +190,11 @@ class TrainerService:
     def _commit(self, request: Request, conn: Connection) -> dict[str, Any]:
         rank = request["rank"]
         manifest = Manifest.from_dict(request["manifest"])
+        if (manifest.job, manifest.world_size) != (self._config.job_id, self._config.world_size):
+            raise ProtocolError(
+                f"manifest of job {manifest.job!r} with world size {manifest.world_size} sent to "
+                f"job {self._config.job_id!r} with world size {self._config.world_size}"
+            )
         self._store.commit(rank, request["slot"], manifest)
         conn.writing = None
         self._record_progress(rank, manifest.step, request.fields.get("timing") or {})

@@ -9,12 +9,20 @@ on a peer, on disk) can be verified before a single byte is loaded.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+import torch
 
 from gemini_ckpt.errors import CorruptCheckpointError
 
 FORMAT = "gemini-ckpt/1"
+_ITEMSIZE = {
+    str(dtype).removeprefix("torch."): dtype.itemsize
+    for dtype in vars(torch).values()
+    if isinstance(dtype, torch.dtype)
+}
 CHECKSUM_ALGORITHM = "xxh3_64"
 ALIGNMENT = 64
 """Every tensor starts at a multiple of this, so a byte view can be reinterpreted as any dtype."""
@@ -134,13 +142,32 @@ class Manifest:
             yield f"rank {self.rank}, world {self.world_size}, step {self.step} are out of range"
         if capacity is not None and self.data_nbytes > capacity:
             yield f"data region of {self.data_nbytes} bytes exceeds the slot's {capacity} bytes"
-        if len(self.chunk_digests) != self.num_chunks:
+        if self.data_nbytes < 0 or len(self.chunk_digests) != self.num_chunks:
             yield f"{len(self.chunk_digests)} chunk digests for {self.num_chunks} chunks"
-        for i, entry in enumerate(self.entries):
-            if entry.offset % ALIGNMENT or entry.offset + entry.nbytes > self.data_nbytes:
-                yield f"tensor entry {i} ({entry.offset}+{entry.nbytes}) lies outside the data"
+        yield from self._entry_problems()
         if any(not 0 <= ref < len(self.entries) for ref in self.tensor_refs):
             yield "a tensor reference points past the entry table"
+
+    def _entry_problems(self) -> Any:
+        end = 0
+        for i in sorted(range(len(self.entries)), key=lambda k: self.entries[k].offset):
+            entry = self.entries[i]
+            if entry.offset < 0 or entry.nbytes < 0 or entry.offset % ALIGNMENT:
+                yield f"tensor entry {i} has offset {entry.offset} and size {entry.nbytes}"
+            elif entry.offset < end or entry.offset + entry.nbytes > self.data_nbytes:
+                yield (
+                    f"tensor entry {i} ({entry.offset}+{entry.nbytes}) overlaps another or "
+                    f"lies outside the {self.data_nbytes}-byte data region"
+                )
+            itemsize = _ITEMSIZE.get(entry.dtype)
+            if itemsize is None:
+                yield f"tensor entry {i} has unknown dtype {entry.dtype!r}"
+            elif math.prod(entry.shape) * itemsize != entry.nbytes:
+                yield (
+                    f"tensor entry {i}: shape {list(entry.shape)} of {entry.dtype} is not "
+                    f"{entry.nbytes} bytes"
+                )
+            end = max(end, entry.offset + entry.nbytes)
 
 
 def _int(raw: dict[str, Any], key: str) -> int:

@@ -153,17 +153,21 @@ class Checkpointer:
         if reply.get("step") is None:
             self.restore_info = RestoreInfo(0, str(reply.get("source", "none (fresh start)")))
             return 0
-        manifest = Manifest.from_dict(reply["manifest"])
+        step = int(reply["step"])
         source = str(reply.get("source", "local memory"))
-        region = map_file(Path(reply["path"]), manifest.data_nbytes, writable=False)
         try:
-            tensors = verified_tensors(session.copier, manifest, region, source)
+            manifest = Manifest.from_dict(reply["manifest"])
+            region = map_file(Path(reply["path"]), manifest.data_nbytes, writable=False)
+            try:
+                tensors = verified_tensors(session.copier, manifest, region, source)
+            finally:
+                region.close()
+            tree = unflatten(manifest.skeleton, [tensors[i] for i in manifest.tensor_refs])
         except CorruptCheckpointError as e:
-            client.request("report_corrupt", rank=config.rank, step=manifest.step, detail=str(e))
+            # Told, the agent drops this copy, so the next attempt restores from another one.
+            client.request("report_corrupt", rank=config.rank, step=step, detail=str(e))
             raise
-        finally:
-            region.close()
-        self._state.load(unflatten(manifest.skeleton, [tensors[i] for i in manifest.tensor_refs]))
+        self._state.load(tree)
         seconds = time.monotonic() - started
         client.request("restored", rank=config.rank, step=manifest.step, seconds=seconds)
         self._last_step = manifest.step
