@@ -145,7 +145,8 @@ class AgentConfig:
     stop_grace_s: float = 10.0
     """How long a stopping worker may take to commit a save it has under way."""
     join_timeout_s: float = 300.0
-    commit_wait_timeout_s: float = 600.0
+    commit_wait_timeout_s: float = 300.0
+    """Longest a save waits for the other ranks (shorter than a trainer's request timeout)."""
     tee: bool = False
     faults: tuple[Any, ...] = ()
     """`ResolvedFault`s whose rank lives on this machine."""

@@ -79,3 +79,58 @@ def test_garbage_gets_error_replies_and_trainers_keep_working(agent: EmbeddedAge
     ckpt.save(2)
     ckpt.close()
     assert agent.store.inventory() == {0: [1, 2]}
+
+
+def test_bad_timing_is_refused_before_anything_is_committed(agent: EmbeddedAgent):
+    model = torch.nn.Linear(8, 8)
+    with Checkpointer(model, config=agent.trainer_config(snapshot_mode="sync")) as ckpt:
+        ckpt.save(1)
+    manifest = agent.store.locate(0, 1).manifest.to_dict()
+    with raw_connection(agent) as sock:
+        sock.sendall(encode_frame({"op": "hello", "id": 1, "rank": 0, "pid": 1, "generation": 0}))
+        assert recv_frame(sock)["ok"]
+        sock.sendall(encode_frame({"op": "begin", "id": 2, "rank": 0, "step": 2}))
+        slot = recv_frame(sock)["slot"]
+        for timing, text in (
+            ('{"t":"soon"}', "unknown timing fields ['t']"),
+            ('{"copy_s":"fast"}', "timing copy_s must be a finite number"),
+            ('{"metrics":{"loss":1e400}}', "metric 'loss' must be a finite number"),
+        ):
+            commit = {
+                "op": "commit",
+                "id": 3,
+                "rank": 0,
+                "slot": slot,
+                "manifest": {**manifest, "step": 2},
+                "timing": {},
+            }
+            body = encode_frame(commit)[4:].replace(b'"timing":{}', f'"timing":{timing}'.encode())
+            sock.sendall(len(body).to_bytes(4, "big") + body)
+            reply = recv_frame(sock)
+            assert reply["ok"] is False
+            assert text in reply["error"]["message"]
+    assert agent.store.inventory() == {0: [1]}
+
+
+def test_a_second_live_trainer_for_a_rank_is_refused(agent: EmbeddedAgent):
+    import subprocess
+    import sys
+
+    model = torch.nn.Linear(8, 8)
+    with Checkpointer(model, config=agent.trainer_config()) as ckpt:
+        ckpt.start()
+        code = (
+            "import sys; from gemini_ckpt.snapshot.agent_client import AgentClient;"
+            "c = AgentClient(__import__('pathlib').Path(sys.argv[1]), 5); c.connect();"
+            "c.request('hello', rank=0, pid=1, generation=0)"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(agent.config.socket_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode != 0
+        assert "rank 0 already has a trainer" in result.stderr
+        ckpt.save(1)

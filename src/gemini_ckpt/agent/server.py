@@ -34,7 +34,8 @@ class InternalError(GeminiError):
 class ControlServer:
     """Serves requests on `path`. `start()` binds and starts the accept thread; `close()` stops it.
 
-    `handler(request, conn_state)` answers a request; `new_state()` makes the per-connection state
+    `handler(request, conn_state)` answers a request; `new_state(peer_pid)` makes the per-connection
+    state
     and `on_close(conn_state)` is called when a connection ends.
     """
 
@@ -42,7 +43,7 @@ class ControlServer:
         self,
         path: Path,
         handler: Handler,
-        new_state: Callable[[], Any],
+        new_state: Callable[[int], Any],
         on_close: Callable[[Any], None],
     ) -> None:
         self._path = path
@@ -94,20 +95,21 @@ class ControlServer:
                 conn, _ = sock.accept()
             except OSError:
                 return
-            if not _same_user(conn):
-                log.warning("refused a control connection from another user")
+            pid, uid = _peer(conn)
+            if uid not in (os.getuid(), 0):
+                log.warning("refused a control connection from user %d (pid %d)", uid, pid)
                 conn.close()
                 continue
             thread = threading.Thread(
-                target=self._serve, args=(conn,), name="gemini-agent-conn", daemon=True
+                target=self._serve, args=(conn, pid), name="gemini-agent-conn", daemon=True
             )
             with self._lock:
                 self._conns.add(conn)
                 self._threads = [t for t in self._threads if t.is_alive()] + [thread]
             thread.start()
 
-    def _serve(self, conn: socket.socket) -> None:
-        state = self._new_state()
+    def _serve(self, conn: socket.socket, peer_pid: int) -> None:
+        state = self._new_state(peer_pid)
         try:
             while not self._closed.is_set():
                 if not self._serve_one(conn, state):
@@ -120,24 +122,26 @@ class ControlServer:
 
     def _serve_one(self, conn: socket.socket, state: Any) -> bool:
         """Answer one frame; False when the connection is over."""
-        request_id = 0
         try:
             message = recv_frame(conn)
-            if message is None:
-                return False
-            raw_id = message.get("id", 0)
-            request_id = raw_id if isinstance(raw_id, int) else 0
-            request = parse_request(message)
-            reply = ok_reply(request.id, **self._handler(request, state))
         except FramingBroken as e:
             log.warning("closing a control connection: %s", e)
             if self._try_send(conn, error_reply(0, e)):
                 _linger_close(conn)
             return False
+        except ProtocolError as e:
+            return self._try_send(conn, error_reply(0, e))
+        except OSError:
+            return False  # the trainer went away
+        if message is None:
+            return False
+        raw_id = message.get("id", 0)
+        request_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else 0
+        try:
+            request = parse_request(message)
+            reply = ok_reply(request.id, **self._handler(request, state))
         except GeminiError as e:
             reply = error_reply(request_id, e)
-        except OSError:
-            return False
         except Exception as e:
             log.exception("internal error while answering a trainer")
             reply = error_reply(request_id, InternalError(f"{type(e).__name__}: {e}"))
@@ -163,7 +167,8 @@ def _linger_close(conn: socket.socket, drain_s: float = 0.5) -> None:
         pass
 
 
-def _same_user(conn: socket.socket) -> bool:
+def _peer(conn: socket.socket) -> tuple[int, int]:
+    """The connecting process's pid and uid, as the kernel reports them."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, _ = struct.unpack("3i", creds)
-    return uid in (os.getuid(), 0)
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid

@@ -7,6 +7,7 @@ to restore from the generation's plan, when to kill from the fault injector.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from gemini_ckpt.errors import ProtocolError, RecoveryError
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
 from gemini_ckpt.protocol.manifest import Manifest
-from gemini_ckpt.protocol.messages import Request
+from gemini_ckpt.protocol.messages import Request, parse_timing
 from gemini_ckpt.recovery.plan import FRESH_START, RestorePlan
 from gemini_ckpt.store.local_store import LocalStore
 
@@ -34,6 +35,8 @@ class Connection:
     A closed connection aborts only the write it began itself.
     """
 
+    peer_pid: int = 0
+    """The trainer's process id as the kernel reports it (not as the trainer claims)."""
     rank: int | None = None
     generation: int = -1
     writing: int | None = None
@@ -144,7 +147,14 @@ class TrainerService:
                     f"trainer of generation {request['generation']} arrived while the job is in "
                     f"generation {self._generation}; refusing it"
                 )
-            self._pids[request["rank"]] = request["pid"]
+            rank = request["rank"]
+            other = self._pids.get(rank)
+            if other is not None and other != conn.peer_pid and _alive(other):
+                raise ProtocolError(
+                    f"rank {rank} already has a trainer (pid {other}) in generation "
+                    f"{self._generation}; refusing pid {conn.peer_pid}"
+                )
+            self._pids[rank] = conn.peer_pid or request["pid"]
             conn.generation = self._generation
         conn.rank = request["rank"]
         return {
@@ -190,6 +200,7 @@ class TrainerService:
     def _commit(self, request: Request, conn: Connection) -> dict[str, Any]:
         rank = request["rank"]
         manifest = Manifest.from_dict(request["manifest"])
+        timing = parse_timing(request.fields.get("timing"))
         if (manifest.job, manifest.world_size) != (self._config.job_id, self._config.world_size):
             raise ProtocolError(
                 f"manifest of job {manifest.job!r} with world size {manifest.world_size} sent to "
@@ -197,7 +208,7 @@ class TrainerService:
             )
         self._store.commit(rank, request["slot"], manifest)
         conn.writing = None
-        self._record_progress(rank, manifest.step, request.fields.get("timing") or {})
+        self._record_progress(rank, manifest.step, timing)
         self._injector.after_commit(rank, manifest.step, self.pid(rank))
         return {}
 
@@ -300,3 +311,13 @@ class TrainerService:
             "reserved": usage.reserved,
             "inventory": {str(r): s for r, s in self._store.inventory().items()},
         }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -10,6 +10,7 @@ Call order for one rank: `hello`, then `restore` (which may be followed by `rest
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,40 @@ def parse_request(message: dict[str, Any]) -> Request:
             raise ProtocolError(f"field {name!r} of op {op!r} must be >= 0, got {value}")
     fields = {k: v for k, v in message.items() if k not in ("op", "id")}
     return Request(op, request_id, fields)
+
+
+_TIMING_FIELDS = ("blocking_s", "copy_s", "iteration_s")
+_MAX_METRICS = 32
+
+
+def parse_timing(raw: Any) -> dict[str, Any]:
+    """Validate the optional `timing` of a commit: three durations and a few named metrics.
+
+    Raises:
+        ProtocolError: a field is unknown, not a finite number, or there are too many metrics.
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"timing must be an object, got {type(raw).__name__}")
+    unknown = set(raw) - {*_TIMING_FIELDS, "metrics"}
+    if unknown:
+        raise ProtocolError(f"unknown timing fields {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    for name in _TIMING_FIELDS:
+        if name in raw:
+            out[name] = _finite(f"timing {name}", raw[name])
+    metrics = raw.get("metrics") or {}
+    if not isinstance(metrics, dict) or len(metrics) > _MAX_METRICS:
+        raise ProtocolError(f"metrics must be an object of at most {_MAX_METRICS} numbers")
+    out["metrics"] = {str(k)[:64]: _finite(f"metric {k!r}", v) for k, v in metrics.items()}
+    return out
+
+
+def _finite(what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def ok_reply(request_id: int, **fields: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from gemini_ckpt.config import TrainerConfig
+from gemini_ckpt.errors import AgentUnavailableError, GeminiError
 from gemini_ckpt.faults import FaultPoint
 from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.snapshot.agent_client import AgentClient
@@ -149,13 +150,20 @@ class SlotWriter:
             tensor_refs=layout.tensor_refs,
             skeleton=flat.skeleton,
         )
-        session.client.request(
-            "commit",
-            rank=config.rank,
-            slot=written.slot,
-            manifest=manifest.to_dict(),
-            timing=timing.report(config.snapshot_mode),
-        )
+        try:
+            session.client.request(
+                "commit",
+                rank=config.rank,
+                slot=written.slot,
+                manifest=manifest.to_dict(),
+                timing=timing.report(config.snapshot_mode),
+            )
+        except AgentUnavailableError:
+            raise
+        except GeminiError as e:
+            # Refused (not lost in transit): the slot stays claimed unless it is given back.
+            self.abort(step, e)
+            raise
 
     def abort(self, step: int, error: BaseException) -> None:
         """Tell the agent to forget the slot claimed for `step`."""

@@ -163,8 +163,14 @@ class LocalStore:
             # rename makes it appear whole or not at all.
             final = self._manifest_path(rank, slot)
             tmp = final.with_suffix(".tmp")
-            tmp.write_text(manifest.to_json(), encoding="utf-8")
-            os.replace(tmp, final)
+            try:
+                tmp.write_text(manifest.to_json(), encoding="utf-8")
+                os.replace(tmp, final)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise StoreError(
+                    f"cannot write the manifest of rank {rank} step {manifest.step}: {e}"
+                ) from e
             slots.commit(slot, manifest)
 
     def abort_writes(self, rank: int) -> int | None:
