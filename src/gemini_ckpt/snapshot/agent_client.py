@@ -10,7 +10,7 @@ from typing import Any
 
 from gemini_ckpt import errors
 from gemini_ckpt.errors import AgentUnavailableError, ProtocolError, RemoteError
-from gemini_ckpt.protocol.framing import recv_frame, send_frame
+from gemini_ckpt.protocol.framing import encode_frame, recv_frame
 
 # Agent-side errors that mean the same thing on this side are re-raised as their own class.
 _LOCAL_CLASSES = {
@@ -74,12 +74,17 @@ class AgentClient:
                 raise AgentUnavailableError("not connected to the Gemini agent")
             self._next_id += 1
             request_id = self._next_id
+            frame = encode_frame({"op": op, "id": request_id, **fields})
             try:
-                send_frame(self._sock, {"op": op, "id": request_id, **fields})
+                self._sock.sendall(frame)
                 reply = recv_frame(self._sock)
             except (OSError, ProtocolError) as e:
+                # A late reply would answer the next request: this connection is done.
+                self._sock.close()
+                self._sock = None
+                what = "no reply within the request timeout" if isinstance(e, TimeoutError) else e
                 raise AgentUnavailableError(
-                    f"request {op!r} to the Gemini agent failed: {e}"
+                    f"request {op!r} to the Gemini agent failed: {what}"
                 ) from e
         if reply is None:
             raise AgentUnavailableError(f"the Gemini agent closed the connection during {op!r}")
