@@ -53,14 +53,19 @@ def test_steps_must_increase_and_one_write_at_a_time():
         slots.commit(1, manifest(6))
 
 
-def test_truncate_forgets_an_abandoned_timeline():
-    slots = RankSlots(0)
-    for step, slot in ((1, 0), (2, 1)):
-        slots.begin(slots.grant(step))
-        slots.commit(slot, manifest(step))
-    assert slots.truncate_after(1) == [2]
-    assert slots.committed_steps() == [1]
-    assert slots.grant(2).slot == 1
+def test_truncate_forgets_an_abandoned_timeline(tmp_path):
+    store = LocalStore(tmp_path / "shm", budget=64 << 20)
+    store.start()
+    try:
+        store.allocate(0, 128)
+        for step, slot in ((1, 0), (2, 1)):
+            store.begin_write(0, store.prepare_write(0, step))
+            store.commit(0, slot, manifest(step))
+        assert store.truncate_after(1) == {0: [2]}
+        assert store.inventory() == {0: [1]}
+        assert store.prepare_write(0, 2).slot == 1
+    finally:
+        store.close()
 
 
 def test_store_budget_error_says_what_does_not_fit(tmp_path):

@@ -22,7 +22,12 @@ from gemini_ckpt.agent.workers import GroupState, Rendezvous, WorkerExit, Worker
 from gemini_ckpt.config import AgentConfig
 from gemini_ckpt.coordination.job import JobCoordinator, WaitAborted
 from gemini_ckpt.coordination.kv import KV, TCPStoreKV
-from gemini_ckpt.errors import CorruptCheckpointError, RecoveryError, StoreError
+from gemini_ckpt.errors import (
+    CoordinationError,
+    CorruptCheckpointError,
+    RecoveryError,
+    StoreError,
+)
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
 from gemini_ckpt.recovery.classify import MemberReport, classify
@@ -126,6 +131,8 @@ class MachineAgent:
             except (CorruptCheckpointError, StoreError) as e:
                 log.error("generation %d could not stage its restore: %s", generation, e)
                 outcome = Outcome(staging_failed=str(e))
+            except CoordinationError as e:
+                return self._give_up(f"generation {generation} could not start: {e}")
             else:
                 outcome = self._supervise(generation)
             if outcome.succeeded:
@@ -153,6 +160,14 @@ class MachineAgent:
             self.config.shm_dir.parent.rmdir()
         self._rdzv_store = None
         self._events.close()
+
+    def _give_up(self, reason: str) -> int:
+        """End the job for every machine (best effort) and report it."""
+        log.error("%s", reason)
+        with contextlib.suppress(CoordinationError):
+            self._coordinator.fail_job(reason)
+        self._events.emit(events.JOB_FINISHED, status="failed", reason=reason)
+        return 1
 
     def _aborted(self, generation: int) -> str | None:
         failure = self._coordinator.failure()

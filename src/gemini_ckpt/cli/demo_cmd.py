@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--steps",
         type=int,
-        default=int(env("DEMO_STEPS", "40")),
+        default=env("DEMO_STEPS", "40"),
         help="training steps (default 40)",
     )
     p.add_argument(
@@ -37,8 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=env("DEMO_FAULT", "kill-worker@step=20,rank=1"),
         help="the fault to inject (default: kill-worker@step=20,rank=1)",
     )
-    p.add_argument("--machines", type=int, default=int(env("MACHINES", "2")))
-    p.add_argument("--nproc-per-machine", type=int, default=int(env("NPROC_PER_MACHINE", "2")))
+    p.add_argument("--machines", type=int, default=env("MACHINES", "2"))
+    p.add_argument("--nproc-per-machine", type=int, default=env("NPROC_PER_MACHINE", "2"))
     p.add_argument("-o", "--output", choices=["table", "json"], default=env("OUTPUT", "table"))
     p.set_defaults(run=run)
 

@@ -26,7 +26,11 @@ from gemini_ckpt.observability.events import EventLog
 
 
 def env_or(name: str, fallback: str) -> str:
-    """The value of the flag's `GEMINI_<NAME>` environment twin, or `fallback`."""
+    """The value of the flag's `GEMINI_<NAME>` environment twin, or `fallback`.
+
+    Defaults stay strings: argparse converts them with the option's `type`, so a bad value in the
+    environment is reported like a bad flag.
+    """
     return cfg.env_default(f"GEMINI_{name}", fallback) or fallback
 
 
@@ -50,8 +54,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-restarts",
+        "--max_restarts",
         type=int,
-        default=int(_env("MAX_RESTARTS", "3")),
+        default=_env("MAX_RESTARTS", "3"),
         help="how many times the worker group may be restarted (default 3)",
     )
     parser.add_argument(
@@ -63,7 +68,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fault-seed",
         type=int,
-        default=int(_env("FAULT_SEED", "0")),
+        default=_env("FAULT_SEED", "0"),
         help="seed for faults with random targets (rank=random)",
     )
     parser.add_argument(
@@ -80,13 +85,13 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stop-grace",
         type=float,
-        default=float(_env("STOP_GRACE", "10")),
+        default=_env("STOP_GRACE", "10"),
         help="seconds a stopping worker gets to commit a save under way",
     )
     parser.add_argument(
         "--hang-timeout",
         type=float,
-        default=float(_env("HANG_TIMEOUT", "600")),
+        default=_env("HANG_TIMEOUT", "600"),
         help="restart the workers when no step completes for this many seconds",
     )
     parser.add_argument(
@@ -97,19 +102,19 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--persist-every",
         type=int,
-        default=int(_env("PERSIST_EVERY", "0")),
+        default=_env("PERSIST_EVERY", "0"),
         help="persist every N-th step (0: only by --persist-interval)",
     )
     parser.add_argument(
         "--persist-interval",
         type=float,
-        default=float(_env("PERSIST_INTERVAL", "0")),
+        default=_env("PERSIST_INTERVAL", "0"),
         help="persist at least every this many seconds (0: only by step)",
     )
     parser.add_argument(
         "--persist-keep",
         type=int,
-        default=int(_env("PERSIST_KEEP", "2")),
+        default=_env("PERSIST_KEEP", "2"),
         help="complete persisted steps to keep (default 2)",
     )
     parser.add_argument("script", help="the training script (as for torchrun)")
@@ -124,15 +129,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--nnodes", type=int, default=int(_env("NNODES", "1")))
-    p.add_argument("--node-rank", "--node_rank", type=int, default=int(_env("NODE_RANK", "0")))
+    p.add_argument("--nnodes", type=int, default=_env("NNODES", "1"))
+    p.add_argument("--node-rank", "--node_rank", type=int, default=_env("NODE_RANK", "0"))
     p.add_argument(
-        "--nproc-per-node", "--nproc_per_node", type=int, default=int(_env("NPROC_PER_NODE", "1"))
+        "--nproc-per-node", "--nproc_per_node", type=int, default=_env("NPROC_PER_NODE", "1")
     )
     p.add_argument("--master-addr", "--master_addr", default=_env("MASTER_ADDR", "127.0.0.1"))
-    p.add_argument(
-        "--master-port", "--master_port", type=int, default=int(_env("MASTER_PORT", "29500"))
-    )
+    p.add_argument("--master-port", "--master_port", type=int, default=_env("MASTER_PORT", "29500"))
     p.add_argument(
         "--standalone",
         action="store_true",

@@ -14,6 +14,9 @@ from gemini_ckpt.cli.progress import event_line, summary_lines
 from gemini_ckpt.observability.summary import RunSummary
 from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
 
+TIMED_OUT = 124
+"""Exit code of a job stopped by --timeout (as timeout(1) uses)."""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register `local`."""
@@ -23,19 +26,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--machines",
         type=int,
-        default=int(env("MACHINES", "2")),
+        default=env("MACHINES", "2"),
         help="simulated machines (default 2)",
     )
     p.add_argument(
         "--nproc-per-machine",
         type=int,
-        default=int(env("NPROC_PER_MACHINE", "2")),
+        default=env("NPROC_PER_MACHINE", "2"),
         help="trainer processes per machine (default 2)",
     )
     p.add_argument(
         "--timeout",
         type=float,
-        default=float(env("TIMEOUT", "3600")),
+        default=env("TIMEOUT", "3600"),
         help="give up after this many seconds",
     )
     p.add_argument(
@@ -90,7 +93,7 @@ def run_testbed(
             code = bed.poll()
             if code is None and time.monotonic() > deadline:
                 print(f"timed out after {timeout_s:.0f} s; stopping the job", file=sys.stderr)
-                code = 124
+                code = TIMED_OUT
                 break
             time.sleep(0.1)
         for event in bed.tail.new_events():
@@ -115,4 +118,6 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(summary_lines(summary)))
         if code:
             print(f"job failed (exit code {code}); agent logs: {bed.run_dir}/m*/agent.log")
+    if code == TIMED_OUT:
+        return TIMED_OUT
     return 0 if code == 0 else 1

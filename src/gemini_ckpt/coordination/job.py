@@ -19,6 +19,7 @@ Keys (under `gemini/<job>/`):
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,6 +44,7 @@ class JobCoordinator:
         # Steps this machine reported, newest last. Every machine reports the same sequence.
         self._reported: deque[int] = deque(maxlen=3)
         self._reported_generation = -1
+        self._reported_lock = threading.Lock()
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -173,18 +175,20 @@ class JobCoordinator:
 
     def report_committed(self, generation: int, step: int) -> None:
         """This machine has `step` committed for every local rank."""
-        if generation != self._reported_generation:
-            self._reported.clear()
-            self._reported_generation = generation
-        self._reported.append(step)
+        with self._reported_lock:
+            if generation != self._reported_generation:
+                self._reported.clear()
+                self._reported_generation = generation
+            self._reported.append(step)
+            oldest = self._reported[0] if len(self._reported) == self._reported.maxlen else None
         count = self._kv.add(self._key(f"gen{generation}/committed/{step}"), 1)
         if count >= self.machines:
             self._kv.set(self._key(f"gen{generation}/complete/{step}"), b"1")
             self._kv.delete(self._key(f"gen{generation}/committed/{step}"))
-            if len(self._reported) == self._reported.maxlen:
+            if oldest is not None:
                 # Whoever waits on a step waits before writing the next one, so nobody can still
                 # be waiting on the step reported two before this one.
-                self._kv.delete(self._key(f"gen{generation}/complete/{self._reported[0]}"))
+                self._kv.delete(self._key(f"gen{generation}/complete/{oldest}"))
 
     def wait_complete(
         self, generation: int, step: int, timeout_s: float, abort: Callable[[], str | None]

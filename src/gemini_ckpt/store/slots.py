@@ -135,10 +135,3 @@ class RankSlots:
             return False
         self.slots[index] = Slot()
         return True
-
-    def truncate_after(self, step: int) -> list[int]:
-        """Forget committed steps newer than `step` (a timeline abandoned by a restore)."""
-        dropped = [s for s in self.committed_steps() if s > step]
-        for s in dropped:
-            self.drop(s)
-        return dropped
