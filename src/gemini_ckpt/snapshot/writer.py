@@ -177,16 +177,14 @@ class SlotWriter:
     def close(self) -> None:
         """Unmap the slots (the agent keeps the memory)."""
         for region in self._regions.values():
-            if region.pinned:
-                torch.cuda.cudart().cudaHostUnregister(region.tensor.data_ptr())
-            region.close()
+            _unmap(region)
         self._regions = {}
 
     def _region(self, slot: int, path: Path) -> MappedRegion:
         region = self._regions.get(slot)
         if region is None or region.nbytes != self._capacity or region.path != path:
             if region is not None:
-                region.close()
+                _unmap(region)
             region = self._regions[slot] = map_file(path, self._capacity, writable=True)
             if torch.cuda.is_initialized():
                 _pin(region)
@@ -209,6 +207,13 @@ def cuda_ready_event(flat: FlatState) -> Any:
     event = torch.cuda.Event()
     event.record()
     return event
+
+
+def _unmap(region: MappedRegion) -> None:
+    if region.pinned:
+        torch.cuda.cudart().cudaHostUnregister(region.tensor.data_ptr())
+        region.pinned = False
+    region.close()
 
 
 def _pin(region: MappedRegion) -> None:
