@@ -19,6 +19,7 @@ from types import FrameType
 
 from gemini_ckpt import config as cfg
 from gemini_ckpt.agent.agent import MachineAgent
+from gemini_ckpt.coordination.etcd_kv import EtcdKV
 from gemini_ckpt.coordination.kv import KV, TCPStoreKV
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.faults import parse_fault, resolve_faults
@@ -150,6 +151,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--standalone a new random id)",
     )
     p.add_argument(
+        "--etcd",
+        default=_env("ETCD", ""),
+        help="coordinate through this etcd cluster, HOST:PORT[,HOST:PORT...] (default: a job store "
+        "hosted by node 0's agent)",
+    )
+    p.add_argument(
         "--join-store",
         action="store_true",
         help="connect to the job store even on node 0 (a test bed hosts it)",
@@ -204,8 +211,14 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
     return dataclasses.replace(config, faults=tuple(f for f in faults if f.rank in config.ranks))
 
 
-def connect_store(config: cfg.AgentConfig, standalone: bool) -> KV:
-    """Host the job store (node 0) or connect to it."""
+def connect_store(config: cfg.AgentConfig, standalone: bool, etcd: str = "") -> KV:
+    """Connect to etcd when given; otherwise host the job store (node 0) or connect to it.
+
+    Raises:
+        CoordinationError: etcd or the job store cannot be reached (the message names where).
+    """
+    if etcd:
+        return EtcdKV(cfg.EtcdClientConfig(cfg.parse_endpoints(etcd))).start()
     if config.host_store:
         return TCPStoreKV.host(config.store_addr, 0 if standalone else config.store_port)
     return TCPStoreKV.connect(config.store_addr, config.store_port, config.join_timeout_s)
@@ -218,7 +231,7 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the agent until the job ends."""
     config = agent_config(args)
-    kv = connect_store(config, args.standalone)
+    kv = connect_store(config, args.standalone, args.etcd)
     event_log = EventLog(config.machine_dir / "events.jsonl", machine=config.machine)
     agent = MachineAgent(config, kv, event_log)
     signal.signal(signal.SIGTERM, _raise_interrupt)

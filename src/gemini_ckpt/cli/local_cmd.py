@@ -48,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=env("OUTPUT", "table"),
         help="summary format",
     )
+    p.add_argument(
+        "--etcd",
+        default=env("ETCD", ""),
+        help="use this etcd cluster, HOST:PORT[,...] (default: a private one per job)",
+    )
     add_common_options(p)
     p.set_defaults(run=run)
 
@@ -71,6 +76,7 @@ def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
         "persist_every": args.persist_every,
         "persist_interval_s": args.persist_interval,
         "hang_timeout_s": args.hang_timeout,
+        "etcd": args.etcd,
     }
     fields.update(overrides)
     return LocalSpec(**fields)  # type: ignore[arg-type]

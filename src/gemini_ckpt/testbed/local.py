@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gemini_ckpt import config as cfg
-from gemini_ckpt.coordination.kv import TCPStoreKV
+from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.faults import parse_fault, resolve_faults
 from gemini_ckpt.observability.events import parse_events, read_events
@@ -48,6 +48,8 @@ class LocalSpec:
     persist_every: int = 0
     persist_interval_s: float = 0.0
     hang_timeout_s: float = 600.0
+    etcd: str = ""
+    """An existing etcd cluster (HOST:PORT,...); empty: start a private one for the job."""
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,7 +100,7 @@ class LocalTestbed:
         self.job_id = spec.job_id or f"local-{int(time.time())}-{os.getpid()}"
         self.run_dir = spec.run_dir or Path(tempfile.mkdtemp(prefix="gemini-local-"))
         self._own_run_dir = spec.run_dir is None
-        self._store: TCPStoreKV | None = None
+        self._etcd: EtcdServer | None = None
         self._agents: list[subprocess.Popen[bytes]] = []
         self.tail = EventTail([self.event_file(m) for m in range(spec.machines)])
 
@@ -106,7 +108,7 @@ class LocalTestbed:
         """Where machine `machine`'s agent writes its events."""
         return self.run_dir / f"m{machine}" / "events.jsonl"
 
-    def agent_command(self, machine: int, port: int) -> list[str]:
+    def agent_command(self, machine: int, etcd: str) -> list[str]:
         """The command line that starts machine `machine`'s agent."""
         spec = self.spec
         command = [
@@ -123,8 +125,8 @@ class LocalTestbed:
             str(spec.nproc_per_machine),
             "--master-addr",
             "127.0.0.1",
-            "--master-port",
-            str(port),
+            "--etcd",
+            etcd,
             "--run-id",
             self.job_id,
             "--run-dir",
@@ -160,7 +162,11 @@ class LocalTestbed:
     def start(self) -> None:
         """Host the job store and start one agent process per machine."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._store = TCPStoreKV.host("127.0.0.1", 0)
+        etcd = self.spec.etcd
+        if not etcd:
+            # The job's own etcd, as a real cluster would have one; gone with the job.
+            self._etcd = EtcdServer(EtcdServerConfig()).start()
+            etcd = self._etcd.endpoint
         env = cfg.child_env(self.spec.env)
         for machine in range(self.spec.machines):
             machine_dir = self.run_dir / f"m{machine}"
@@ -168,7 +174,7 @@ class LocalTestbed:
             with (machine_dir / "agent.log").open("wb") as log:
                 self._agents.append(
                     subprocess.Popen(
-                        self.agent_command(machine, self._store.port),
+                        self.agent_command(machine, etcd),
                         env=env,
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -217,7 +223,9 @@ class LocalTestbed:
                 os.killpg(agent.pid, signal.SIGKILL)
                 agent.wait()
         shutil.rmtree(cfg.shm_root() / f"gemini-{self.job_id}", ignore_errors=True)
-        self._store = None
+        if self._etcd is not None:
+            self._etcd.stop()
+            self._etcd = None
 
     def remove_run_dir(self) -> None:
         """Delete the run directory if the test bed created it."""
