@@ -157,6 +157,10 @@ class AgentConfig:
     persist_keep: int = 2
     hang_timeout_s: float = 600.0
     """A generation in which no step completes for this long is hung: its workers are restarted."""
+    member_ttl_s: int = 5
+    """Membership lease TTL: a machine whose agent is silent this long is declared failed."""
+    local_addr: str = "127.0.0.1"
+    """The address other machines reach this agent at (the root hosts the workers' rendezvous)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.machine < self.machines:
@@ -179,6 +183,8 @@ class AgentConfig:
             )
         if self.persist_dir is None and (self.persist_every_steps or self.persist_every_s):
             raise ConfigError("--persist-every/--persist-interval need --persist-dir")
+        if self.member_ttl_s < 1:
+            raise ConfigError(f"--member-ttl must be >= 1 s, got {self.member_ttl_s}")
         if self.hang_timeout_s <= 0:
             raise ConfigError(f"--hang-timeout must be positive, got {self.hang_timeout_s}")
         if self.memory_limit <= 0:

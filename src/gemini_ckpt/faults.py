@@ -27,7 +27,12 @@ _KINDS = {
     # The trainer stops making progress (SIGSTOP, as a trainer stuck in a collective looks from
     # outside) right after committing `step`.
     "hang": ("step", "rank", "machine"),
+    # The whole machine dies when all its ranks have committed `step`: agent and trainers are
+    # SIGKILLed and its shared memory is unlinked (machine=M; kill-root: the root's machine).
+    "kill-machine": ("step", "machine"),
+    "kill-root": ("step",),
 }
+MACHINE_KINDS = ("kill-machine", "kill-root")
 KNOWN_KINDS = tuple(_KINDS)
 
 
@@ -45,13 +50,24 @@ class FaultSpec:
 
 @dataclass(frozen=True)
 class ResolvedFault:
-    """A fault bound to one global rank; `name` is the spec as given, for logs and summaries."""
+    """A fault bound to its target; `name` is the spec as given, for logs and summaries.
+
+    Rank faults have `rank`; machine faults have `machine` (-1: whichever machine is the root)
+    and `rank` -1.
+    """
 
     kind: str
     step: int
     rank: int
     point: FaultPoint
     name: str
+    machine: int | None = None
+
+    def targets(self, machine: int, ranks: range) -> bool:
+        """Whether this fault is for the agent of `machine`, which runs `ranks`."""
+        if self.kind in MACHINE_KINDS:
+            return self.machine in (machine, -1)
+        return self.rank in ranks
 
 
 def _int_field(spec: str, key: str, value: str, minimum: int) -> int:
@@ -93,7 +109,19 @@ def parse_fault(text: str) -> FaultSpec:
         if key in fields:
             raise FaultSpecError(f"parameter {key!r} is given twice in fault {text!r}")
         fields[key] = value.strip()
+    if kind in MACHINE_KINDS:
+        return _build_machine_fault(kind, text, fields)
     return _build_rank_fault(kind, text, fields)
+
+
+def _build_machine_fault(kind: str, text: str, fields: dict[str, str]) -> FaultSpec:
+    if "step" not in fields:
+        raise FaultSpecError(f"fault {text!r} needs step=S (the step at which it fires)")
+    if kind == "kill-machine" and "machine" not in fields:
+        raise FaultSpecError(f"fault {text!r} needs machine=M (the machine to kill)")
+    step = _int_field(text, "step", fields["step"], 1)
+    machine = _int_field(text, "machine", fields["machine"], 0) if "machine" in fields else None
+    return FaultSpec(kind, step, None, machine, FaultPoint.AFTER_COMMIT, text.strip())
 
 
 def _build_rank_fault(kind: str, text: str, fields: dict[str, str]) -> FaultSpec:
@@ -131,6 +159,15 @@ def resolve_faults(
     rng = random.Random(seed)
     resolved = []
     for spec in specs:
+        if spec.kind in MACHINE_KINDS:
+            if spec.machine is not None and spec.machine >= machines:
+                raise FaultSpecError(
+                    f"machine={spec.machine} in fault {spec.text!r} is outside the job's "
+                    f"{machines} machines (numbered from 0)"
+                )
+            target = -1 if spec.machine is None else spec.machine
+            resolved.append(ResolvedFault(spec.kind, spec.step, -1, spec.point, spec.text, target))
+            continue
         if spec.machine is not None:
             if spec.machine >= machines:
                 raise FaultSpecError(

@@ -1,37 +1,42 @@
 """The machine agent: owns the checkpoint memory, runs and restarts the trainers, restores them.
 
-One per machine, outliving its trainer processes. It composes the store, the control server, the
-worker group and the job coordinator; decisions come from `recovery.plan` and the fault injector.
-Machine 0 is the leader: it computes each generation's restore plan and hosts its rendezvous store.
+One per machine, outliving its trainer processes. It holds a membership lease in etcd, reports
+what happens to its trainers, and campaigns for the root role (`root.py`), which decides every
+recovery; the agent carries out each generation the root opens: stop the trainers, report what
+it holds, load what the plan says, start the trainers again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import signal
+import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from gemini_ckpt.agent.claim import MachineClaim
 from gemini_ckpt.agent.fault_injector import FaultInjector
 from gemini_ckpt.agent.persister import Persister, PersistPolicy
+from gemini_ckpt.agent.root import RootRole
 from gemini_ckpt.agent.server import ControlServer
 from gemini_ckpt.agent.service import Connection, TrainerService
-from gemini_ckpt.agent.staging import stage_from_persistent
+from gemini_ckpt.agent.staging import stage_plan
 from gemini_ckpt.agent.workers import GroupState, Rendezvous, WorkerExit, WorkerGroup
 from gemini_ckpt.config import AgentConfig
+from gemini_ckpt.coordination.control import ControlPlane
+from gemini_ckpt.coordination.control_kv import ControlKV
 from gemini_ckpt.coordination.job import JobCoordinator, WaitAborted
-from gemini_ckpt.coordination.kv import KV, TCPStoreKV
-from gemini_ckpt.errors import (
-    CoordinationError,
-    CorruptCheckpointError,
-    RecoveryError,
-    StoreError,
-)
+from gemini_ckpt.coordination.lease import LeaseKeeper
+from gemini_ckpt.errors import CoordinationError, CorruptCheckpointError, RecoveryError, StoreError
+from gemini_ckpt.faults import ResolvedFault
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
 from gemini_ckpt.recovery.classify import MemberReport, classify
-from gemini_ckpt.recovery.plan import PERSISTENT_TIER, RestorePlan, plan_restore
+from gemini_ckpt.recovery.plan import PERSISTENT_TIER, RestorePlan
 from gemini_ckpt.snapshot.copier import ChunkCopier
 from gemini_ckpt.store.local_store import LocalStore
 from gemini_ckpt.store.persistent import PersistentStore
@@ -47,18 +52,18 @@ class Outcome:
 
     succeeded: bool = False
     job_failed: str | None = None
-    staging_failed: str | None = None
-    hang: str | None = None
+    lease_lost: str | None = None
     failures: list[WorkerExit] = field(default_factory=list)
 
 
 class MachineAgent:
     """`start()`, then `run()` until the job ends (returns the exit code), then `close()`."""
 
-    def __init__(self, config: AgentConfig, kv: KV, event_log: EventLog) -> None:
+    def __init__(self, config: AgentConfig, kv: ControlKV, event_log: EventLog) -> None:
         self.config = config
         self._events = event_log
         self._coordinator = JobCoordinator(kv, config.job_id, config.machines)
+        self._plane = ControlPlane(kv, config.job_id, config.machines)
         self._store = LocalStore(config.shm_dir, config.memory_limit)
         self._persistent = (
             PersistentStore(config.persist_dir, config.job_id, config.persist_keep)
@@ -76,13 +81,9 @@ class MachineAgent:
             if self._persistent is not None
             else None
         )
+        self._injector = FaultInjector(config.faults, event_log)
         self._service = TrainerService(
-            config,
-            self._store,
-            self._coordinator,
-            FaultInjector(config.faults, event_log),
-            event_log,
-            on_step=self._persister.offer if self._persister is not None else None,
+            config, self._store, self._coordinator, self._injector, event_log, on_step=self._on_step
         )
         self._server = ControlServer(
             config.socket_path, self._service.handle, Connection, self._service.disconnected
@@ -92,19 +93,16 @@ class MachineAgent:
             config.shm_dir.with_name(f"{config.shm_dir.name}.lock"),
             owned=(config.shm_dir, config.socket_path),
         )
+        self._root = RootRole(config, self._plane, self._coordinator, event_log, self._persistent)
         self._copier = ChunkCopier(2)
-        self._rdzv_store: TCPStoreKV | None = None
-
-    @property
-    def is_leader(self) -> bool:
-        """Machine 0 plans restores and hosts the workers' rendezvous."""
-        return self.config.machine == 0
+        self._lease: LeaseKeeper | None = None
 
     def start(self) -> None:
-        """Create the checkpoint memory, open the control socket, wait for the other agents.
+        """Claim the machine, create its memory, join the job in etcd, campaign for root.
 
         Raises:
             ConfigError: another agent already runs this job's machine on this host.
+            CoordinationError: etcd cannot be reached, or the other machines never joined.
         """
         self._claim.acquire()
         self._events.start()
@@ -112,29 +110,46 @@ class MachineAgent:
         if self._persister is not None:
             self._persister.start()
         self._server.start()
+        lease = self._plane.kv.grant_lease(self.config.member_ttl_s)
+        self._lease = LeaseKeeper(self._plane.kv, lease).start()
+        self._plane.join(
+            self.config.machine,
+            lease.id,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "addr": self.config.local_addr,
+                "ranks": list(self.config.ranks),
+                "started_at": time.time(),
+            },
+        )
         self._events.emit(
             events.AGENT_STARTED,
             ranks=list(self.config.ranks),
             memory_limit=self.config.memory_limit,
+            lease=lease.id,
         )
-        self._coordinator.join(self.config.machine, self.config.join_timeout_s)
+        self._plane.wait_members(self.config.join_timeout_s)
+        self._root.start(lease.id)
 
     def run(self) -> int:
-        """Run generations of the worker group until it succeeds or the job gives up."""
+        """Carry out generations until the job succeeds, fails, or this machine is declared lost."""
         generation = self._coordinator.generation()
         while True:
             try:
                 self._begin_generation(generation)
+                outcome = self._supervise(generation)
             except WaitAborted as e:
                 log.warning("generation %d did not start: %s", generation, e)
-                outcome = Outcome(job_failed=self._coordinator.failure())
-            except (CorruptCheckpointError, StoreError) as e:
-                log.error("generation %d could not stage its restore: %s", generation, e)
-                outcome = Outcome(staging_failed=str(e))
+                outcome = Outcome(
+                    job_failed=self._coordinator.failure(), lease_lost=self._lease_lost()
+                )
+            except (CorruptCheckpointError, StoreError, RecoveryError) as e:
+                log.error("generation %d could not load its restore: %s", generation, e)
+                self._report(generation, failures=[f"machine {self.config.machine}: {e}"])
+                outcome = self._wait_for_decision(generation)
             except CoordinationError as e:
                 return self._give_up(f"generation {generation} could not start: {e}")
-            else:
-                outcome = self._supervise(generation)
             if outcome.succeeded:
                 self._events.emit(events.JOB_FINISHED, status="succeeded", generation=generation)
                 return 0
@@ -148,9 +163,12 @@ class MachineAgent:
         if not self._claim.held:
             return  # start() was refused: everything here belongs to the agent that holds it
         self._service.close_generation("agent shutting down")
+        self._root.close()
         self._workers.stop()
         if self._persister is not None:
             self._persister.close()
+        if self._lease is not None:
+            self._lease.close(revoke=True)
         self._server.close()
         self._store.close()
         self._copier.close()
@@ -158,41 +176,30 @@ class MachineAgent:
         with contextlib.suppress(OSError):
             # The job's directory goes with its last machine (rmdir fails while others remain).
             self.config.shm_dir.parent.rmdir()
-        self._rdzv_store = None
         self._events.close()
 
-    def _give_up(self, reason: str) -> int:
-        """End the job for every machine (best effort) and report it."""
-        log.error("%s", reason)
-        with contextlib.suppress(CoordinationError):
-            self._coordinator.fail_job(reason)
-        self._events.emit(events.JOB_FINISHED, status="failed", reason=reason)
-        return 1
+    # -- one generation ------------------------------------------------------------------------
+
+    def _lease_lost(self) -> str | None:
+        return self._lease.lost if self._lease is not None else None
 
     def _aborted(self, generation: int) -> str | None:
+        lost = self._lease_lost()
+        if lost:
+            return f"this machine's membership lease was lost ({lost})"
         failure = self._coordinator.failure()
         if failure:
             return f"the job failed: {failure}"
         current = self._coordinator.generation()
         return f"generation {current} replaced {generation}" if current != generation else None
 
-    def _begin_generation(self, generation: int) -> RestorePlan:
-        timeout = self.config.join_timeout_s
-        abort = lambda: self._aborted(generation)  # noqa: E731
+    def _begin_generation(self, generation: int) -> None:
         self._coordinator.publish_inventory(
             generation, self.config.machine, self._store.inventory()
         )
-        if self.is_leader:
-            inventories = self._coordinator.inventories(generation, timeout, abort)
-            persisted = self._persistent.inventory() if self._persistent is not None else None
-            plan = plan_restore(generation, self.config.world_size, inventories, persisted)
-            self._rdzv_store = TCPStoreKV.host(self.config.store_addr, 0)
-            self._coordinator.publish_plan(
-                generation,
-                plan.to_dict(),
-                {"addr": self.config.store_addr, "port": self._rdzv_store.port},
-            )
-        raw_plan, worker_store = self._coordinator.plan(generation, timeout, abort)
+        raw_plan, worker_store = self._coordinator.plan(
+            generation, self.config.join_timeout_s, lambda: self._aborted(generation)
+        )
         plan = RestorePlan.from_dict(raw_plan)
         dropped = self._store.truncate_after(plan.step if plan.step is not None else -1)
         self._stage(generation, plan)
@@ -209,26 +216,17 @@ class MachineAgent:
         self._workers.start(
             Rendezvous(generation, str(worker_store["addr"]), int(worker_store["port"]))
         )
+        self._report(generation)
         self._events.emit(
             events.GENERATION_STARTED,
             generation=generation,
             pids={str(self.config.ranks[i]): p for i, p in self._workers.pids().items()},
         )
-        return plan
 
     def _stage(self, generation: int, plan: RestorePlan) -> None:
         """Bring the plan's step into memory for local ranks that restore from another tier."""
-        for rank in self.config.ranks:
-            if plan.step is None or plan.sources.get(rank) != PERSISTENT_TIER:
-                continue
-            if self._persistent is None:
-                raise RecoveryError(
-                    f"the plan restores rank {rank} from the persistent tier, "
-                    "but this machine has no --persist-dir"
-                )
-            seconds = stage_from_persistent(
-                self._store, self._persistent, rank, plan.step, self._copier
-            )
+        staged = stage_plan(self._store, self._persistent, plan, self.config.ranks, self._copier)
+        for rank, seconds in staged.items():
             self._events.emit(
                 events.STAGED,
                 generation=generation,
@@ -239,27 +237,52 @@ class MachineAgent:
             )
 
     def _supervise(self, generation: int) -> Outcome:
-        marked_done = False
-        started = time.monotonic()
+        started, reported, marked_done = time.monotonic(), False, False
         while True:
             state, failures = self._workers.poll()
-            if state is GroupState.FAILED:
-                return Outcome(failures=failures)
-            hang = self._hang(started) if state is GroupState.RUNNING else None
+            if not reported and state is GroupState.FAILED:
+                self._report_failures(generation, failures)
+                reported = True
+            hang = self._hang(started) if state is GroupState.RUNNING and not reported else None
             if hang is not None:
-                return Outcome(hang=hang)
-            failure = self._coordinator.failure()
-            if failure:
-                return Outcome(job_failed=failure)
-            if self._coordinator.generation() != generation:
-                return Outcome()
-            if state is GroupState.SUCCEEDED:
+                self._events.emit(
+                    events.HANG,
+                    generation=generation,
+                    reason=hang,
+                    ranks=list(self.config.ranks),
+                    last_committed=self._service.last_progress()[0],
+                )
+                self._report(generation, failed_ranks=list(self.config.ranks), hang=hang)
+                reported = True
+            outcome = self._interrupted(generation)
+            if outcome is not None:
+                return outcome
+            if state is GroupState.SUCCEEDED and not reported:
                 if not marked_done:
                     self._coordinator.mark_done(generation, self.config.machine)
                     marked_done = True
                 if self._coordinator.all_done(generation):
                     return Outcome(succeeded=True)
             time.sleep(_POLL_S)
+
+    def _wait_for_decision(self, generation: int) -> Outcome:
+        """After reporting a failure: wait for the root to move the job on."""
+        while True:
+            outcome = self._interrupted(generation)
+            if outcome is not None:
+                return outcome
+            time.sleep(_POLL_S)
+
+    def _interrupted(self, generation: int) -> Outcome | None:
+        lost = self._lease_lost()
+        if lost:
+            return Outcome(lease_lost=lost)
+        failure = self._coordinator.failure()
+        if failure:
+            return Outcome(job_failed=failure)
+        if self._coordinator.generation() != generation:
+            return Outcome()
+        return None
 
     def _hang(self, started: float) -> str | None:
         step, at = self._service.last_progress()
@@ -269,62 +292,58 @@ class MachineAgent:
         )
         return incident.reason if incident is not None else None
 
+    def _report_failures(self, generation: int, failures: list[WorkerExit]) -> None:
+        for failure in failures:
+            self._events.emit(
+                events.WORKER_FAILED,
+                generation=generation,
+                rank=failure.rank,
+                pid=failure.pid,
+                exitcode=failure.exitcode,
+                description=failure.describe(),
+                last_committed=self._store.latest(failure.rank),
+                stderr_tail=self._workers.stderr_tail(failure.local_rank),
+            )
+        log.warning("generation %d: %s", generation, "; ".join(f.describe() for f in failures))
+        self._report(
+            generation,
+            failed_ranks=[f.rank for f in failures],
+            failures=[f.describe() for f in failures],
+        )
+
+    def _report(self, generation: int, **fields: Any) -> None:
+        """Publish this machine's status for the root (best effort: etcd may be briefly away)."""
+        step, _ = self._service.last_progress()
+        record = {
+            "generation": generation,
+            "at": time.time(),
+            "last_step": step,
+            "failed_ranks": [],
+            **fields,
+        }
+        try:
+            self._plane.report(self.config.machine, record)
+        except CoordinationError as e:
+            log.warning("could not report status to etcd: %s", e)
+
     def _end_generation(self, generation: int, outcome: Outcome) -> int | None:
         """Stop this generation's workers; return the next generation, or None if the job ends."""
-        if outcome.failures:
-            detected = time.time()
-            reasons = [f.describe() for f in outcome.failures]
-            for failure in outcome.failures:
-                self._events.emit(
-                    events.WORKER_FAILED,
-                    generation=generation,
-                    rank=failure.rank,
-                    pid=failure.pid,
-                    exitcode=failure.exitcode,
-                    description=failure.describe(),
-                    last_committed=self._store.latest(failure.rank),
-                    stderr_tail=self._workers.stderr_tail(failure.local_rank),
-                )
-            log.warning("generation %d failed: %s", generation, "; ".join(reasons))
-            new = self._coordinator.request_restart(
-                self.config.machine, generation, {"failures": reasons, "detected": detected}
-            )
-        elif outcome.hang:
-            self._events.emit(
-                events.HANG,
-                generation=generation,
-                reason=outcome.hang,
-                ranks=list(self.config.ranks),
-                last_committed=self._service.last_progress()[0],
-            )
-            log.warning("generation %d is hung: %s", generation, outcome.hang)
-            new = self._coordinator.request_restart(
-                self.config.machine, generation, {"failures": [outcome.hang]}
-            )
-        elif outcome.staging_failed:
-            new = self._coordinator.request_restart(
-                self.config.machine, generation, {"failures": [outcome.staging_failed]}
-            )
-        else:
-            new = self._coordinator.generation()
         self._service.close_generation(f"generation {generation} is over")
         self._stop_workers()
+        if outcome.lease_lost:
+            reason = (
+                f"machine {self.config.machine} lost its membership lease "
+                f"({outcome.lease_lost}); the job has declared it failed"
+            )
+            self._events.emit(events.JOB_FINISHED, status="failed", reason=reason)
+            log.error("%s", reason)
+            return None
         if outcome.job_failed:
             self._events.emit(events.JOB_FINISHED, status="failed", reason=outcome.job_failed)
             return None
-        if new > self.config.max_restarts:
-            reason = (
-                f"restart limit reached: generation {new} would be restart number {new}, "
-                f"--max-restarts is {self.config.max_restarts}"
-            )
-            self._coordinator.fail_job(reason)
-            self._events.emit(events.JOB_FINISHED, status="failed", reason=reason)
-            return None
+        new = self._coordinator.generation()
         self._events.emit(
-            events.RESTART,
-            generation=new,
-            previous=generation,
-            reasons=self._coordinator.restart_reasons(new),
+            events.RESTART, generation=new, previous=generation, reasons=self._plane.timeline(new)
         )
         return new
 
@@ -332,8 +351,7 @@ class MachineAgent:
         """Let saves already under way commit (bounded), then stop every worker."""
         deadline = time.monotonic() + self.config.stop_grace_s
         while time.monotonic() < deadline:
-            writing = [r for r in self.config.ranks if self._store.writing_step(r) is not None]
-            if not writing:
+            if all(self._store.writing_step(r) is None for r in self.config.ranks):
                 break
             time.sleep(0.01)
         self._workers.stop()
@@ -343,3 +361,40 @@ class MachineAgent:
                 log.warning(
                     "rank %d was stopped while writing step %d; that slot is discarded", rank, step
                 )
+
+    def _give_up(self, reason: str) -> int:
+        """End the job for every machine (best effort) and report it."""
+        log.error("%s", reason)
+        with contextlib.suppress(CoordinationError):
+            self._coordinator.fail_job(reason)
+        self._events.emit(events.JOB_FINISHED, status="failed", reason=reason)
+        return 1
+
+    # -- per step ------------------------------------------------------------------------------
+
+    def _on_step(self, step: int) -> None:
+        """Every rank of this machine committed `step`."""
+        if self._persister is not None:
+            self._persister.offer(step)
+        fault = self._injector.machine_fault_due(step, self._root.leading)
+        if fault is not None:
+            self._die(fault, step)
+
+    def _die(self, fault: ResolvedFault, step: int) -> None:
+        """Execute a machine fault: everything on this machine is gone at once."""
+        self._events.emit(
+            events.FAULT_INJECTED,
+            fault=fault.name,
+            rank=-1,
+            step=step,
+            point="machine",
+            pid=os.getpid(),
+            signal="SIGKILL",
+            machine=self.config.machine,
+            root=self._root.leading,
+        )
+        for pid in self._workers.pids().values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.config.shm_dir, ignore_errors=True)
+        os.kill(os.getpid(), signal.SIGKILL)

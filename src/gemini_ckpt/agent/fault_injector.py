@@ -11,7 +11,7 @@ import signal
 import threading
 from collections.abc import Sequence
 
-from gemini_ckpt.faults import FaultPoint, ResolvedFault
+from gemini_ckpt.faults import MACHINE_KINDS, FaultPoint, ResolvedFault
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
 
@@ -26,13 +26,27 @@ class FaultInjector:
         self._events = event_log
         self._lock = threading.Lock()
 
+    def machine_fault_due(self, step: int, is_root: bool) -> ResolvedFault | None:
+        """The machine fault to execute now that this machine completed `step`, if any."""
+        with self._lock:
+            for fault in self._pending:
+                if fault.kind not in MACHINE_KINDS or step < fault.step:
+                    continue
+                if fault.kind == "kill-root" and not is_root:
+                    continue
+                self._pending.remove(fault)
+                return fault
+        return None
+
     def failpoints(self, rank: int) -> list[dict[str, object]]:
         """Fault points the trainer of `rank` must report when it reaches them."""
         with self._lock:
             return [
                 {"name": f.point.value, "step": f.step}
                 for f in self._pending
-                if f.rank == rank and f.point is not FaultPoint.AFTER_COMMIT
+                if f.rank == rank
+                and f.point is not FaultPoint.AFTER_COMMIT
+                and f.kind not in MACHINE_KINDS
             ]
 
     def _take(self, rank: int, step: int, point: FaultPoint) -> ResolvedFault | None:

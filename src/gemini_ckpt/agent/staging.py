@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import time
 
-from gemini_ckpt.errors import CorruptCheckpointError
+from gemini_ckpt.errors import CorruptCheckpointError, RecoveryError
+from gemini_ckpt.recovery.plan import PERSISTENT_TIER, RestorePlan
 from gemini_ckpt.snapshot.copier import ChunkCopier
 from gemini_ckpt.store.local_store import LocalStore
 from gemini_ckpt.store.persistent import PersistentStore
@@ -46,3 +47,31 @@ def stage_from_persistent(
         store.abort_writes(rank)
         raise
     return time.monotonic() - started
+
+
+def stage_plan(
+    store: LocalStore,
+    persistent: PersistentStore | None,
+    plan: RestorePlan,
+    ranks: range,
+    copier: ChunkCopier,
+) -> dict[int, float]:
+    """Fill the memory of every rank in `ranks` that the plan restores from another tier.
+
+    Returns the seconds each staged rank took.
+
+    Raises:
+        RecoveryError: the plan needs the persistent tier and this machine has none.
+        CorruptCheckpointError: a copy fails verification (it is set aside first).
+    """
+    staged = {}
+    for rank in ranks:
+        if plan.step is None or plan.sources.get(rank) != PERSISTENT_TIER:
+            continue
+        if persistent is None:
+            raise RecoveryError(
+                f"the plan restores rank {rank} from the persistent tier, "
+                "but this machine has no --persist-dir"
+            )
+        staged[rank] = stage_from_persistent(store, persistent, rank, plan.step, copier)
+    return staged

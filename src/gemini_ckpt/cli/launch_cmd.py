@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from types import FrameType
 from gemini_ckpt import config as cfg
 from gemini_ckpt.agent.agent import MachineAgent
 from gemini_ckpt.coordination.etcd_kv import EtcdKV
-from gemini_ckpt.coordination.kv import KV, TCPStoreKV
+from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.faults import parse_fault, resolve_faults
 from gemini_ckpt.observability.events import EventLog
@@ -96,6 +97,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         help="restart the workers when no step completes for this many seconds",
     )
     parser.add_argument(
+        "--member-ttl",
+        type=int,
+        default=_env("MEMBER_TTL", "5"),
+        help="seconds without an agent's heartbeat before its machine is declared failed",
+    )
+    parser.add_argument(
         "--persist-dir",
         default=_env("PERSIST_DIR", ""),
         help="persistent tier: a directory every machine of the job can reach",
@@ -157,6 +164,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "hosted by node 0's agent)",
     )
     p.add_argument(
+        "--local-addr",
+        default=_env("LOCAL_ADDR", ""),
+        help="the address other machines reach this one at (default: 127.0.0.1 for a loopback "
+        "job, else this host's address)",
+    )
+    p.add_argument(
         "--join-store",
         action="store_true",
         help="connect to the job store even on node 0 (a test bed hosts it)",
@@ -207,21 +220,53 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
         persist_every_s=args.persist_interval,
         persist_keep=args.persist_keep,
         hang_timeout_s=args.hang_timeout,
+        member_ttl_s=args.member_ttl,
+        local_addr=args.local_addr or _local_addr(args),
     )
     return dataclasses.replace(config, faults=tuple(f for f in faults if f.rank in config.ranks))
 
 
-def connect_store(config: cfg.AgentConfig, standalone: bool, etcd: str = "") -> KV:
-    """Connect to etcd when given; otherwise host the job store (node 0) or connect to it.
+def _local_addr(args: argparse.Namespace) -> str:
+    if args.standalone or args.master_addr in ("127.0.0.1", "localhost"):
+        return "127.0.0.1"
+    return socket.gethostbyname(socket.gethostname())
+
+
+def connect_store(
+    config: cfg.AgentConfig, standalone: bool, etcd: str = ""
+) -> tuple[EtcdKV, EtcdServer | None]:
+    """Connect to etcd: the given cluster, or the job's own one that node 0 runs.
+
+    Without `--etcd`, node 0's agent starts a one-member etcd at --master-addr:--master-port (a
+    free loopback port with --standalone) and the other machines connect to it. That etcd goes
+    down with node 0; a job that must survive losing any machine passes a 3-member cluster.
 
     Raises:
-        CoordinationError: etcd or the job store cannot be reached (the message names where).
+        CoordinationError: etcd cannot be reached (the message names the endpoints).
     """
     if etcd:
-        return EtcdKV(cfg.EtcdClientConfig(cfg.parse_endpoints(etcd))).start()
+        return EtcdKV(cfg.EtcdClientConfig(cfg.parse_endpoints(etcd))).start(), None
+    endpoint = f"{config.store_addr}:{config.store_port}"
+    server = None
     if config.host_store:
-        return TCPStoreKV.host(config.store_addr, 0 if standalone else config.store_port)
-    return TCPStoreKV.connect(config.store_addr, config.store_port, config.join_timeout_s)
+        loopback = standalone or config.store_addr in ("127.0.0.1", "localhost")
+        server = EtcdServer(
+            EtcdServerConfig(
+                host="127.0.0.1" if loopback else "0.0.0.0",
+                advertise_host=None if loopback else config.store_addr,
+                client_port=0 if standalone else config.store_port,
+                heartbeat_ms=50,
+                election_ms=500,
+            )
+        ).start()
+        endpoint = server.endpoint
+    client = cfg.EtcdClientConfig((endpoint,), connect_timeout_s=min(config.join_timeout_s, 60))
+    try:
+        return EtcdKV(client).start(), server
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
 
 
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -231,7 +276,7 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the agent until the job ends."""
     config = agent_config(args)
-    kv = connect_store(config, args.standalone, args.etcd)
+    kv, etcd_server = connect_store(config, args.standalone, args.etcd)
     event_log = EventLog(config.machine_dir / "events.jsonl", machine=config.machine)
     agent = MachineAgent(config, kv, event_log)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -246,3 +291,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         agent.close()
         kv.close()
+        if etcd_server is not None:
+            etcd_server.stop()

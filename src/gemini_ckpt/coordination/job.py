@@ -132,21 +132,32 @@ class JobCoordinator:
             f"gen{generation}/inventory/m{machine}", {str(r): s for r, s in inventory.items()}
         )
 
+    def inventories_now(self, generation: int) -> dict[int, dict[int, list[int]]] | None:
+        """Every machine's inventory for `generation` if all are published, else None."""
+        out = {}
+        for m in range(self.machines):
+            raw = self._get_json(f"gen{generation}/inventory/m{m}")
+            if raw is None:
+                return None
+            out[m] = {int(r): [int(s) for s in steps] for r, steps in raw.items()}
+        return out
+
+    def has_plan(self, generation: int) -> bool:
+        """Whether generation `generation`'s plan is published."""
+        return self._kv.get(self._key(f"gen{generation}/plan")) is not None
+
     def inventories(
         self, generation: int, timeout_s: float, abort: Callable[[], str | None]
     ) -> dict[int, dict[int, list[int]]]:
         """Every machine's inventory for `generation`, once all are published."""
-
-        def probe() -> dict[int, dict[int, list[int]]] | None:
-            out = {}
-            for m in range(self.machines):
-                raw = self._get_json(f"gen{generation}/inventory/m{m}")
-                if raw is None:
-                    return None
-                out[m] = {int(r): [int(s) for s in steps] for r, steps in raw.items()}
-            return out
-
-        return dict(self._wait(f"inventories of generation {generation}", probe, timeout_s, abort))
+        return dict(
+            self._wait(
+                f"inventories of generation {generation}",
+                lambda: self.inventories_now(generation),
+                timeout_s,
+                abort,
+            )
+        )
 
     def publish_plan(
         self, generation: int, plan: dict[str, Any], worker_store: dict[str, Any]

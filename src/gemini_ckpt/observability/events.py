@@ -26,6 +26,10 @@ WORKER_FAILED = "worker_failed"
 HANG = "hang_detected"
 RESTART = "restart"
 PLAN = "plan"
+PLAN_DECIDED = "plan_decided"
+ROOT_ELECTED = "root_elected"
+ROOT_LOST = "root_lost"
+INCIDENT = "incident"
 STAGED = "staged"
 RESTORED = "restored"
 CORRUPT = "corrupt_checkpoint"
@@ -47,7 +51,7 @@ class EventLog:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def emit(self, kind: str, **fields: Any) -> None:
+    def emit(self, kind: str, /, **fields: Any) -> None:
         """Record one event with a wall-clock timestamp."""
         record = {"t": time.time(), "event": kind, **self._common, **fields}
         line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")

@@ -106,6 +106,12 @@ def _recovery(records: list[dict[str, Any]], generation: int) -> Recovery:
         for e in records
         if e.get("event") in (ev.WORKER_FAILED, ev.HANG) and e.get("generation") == previous
     ]
+    if not failed:  # a lost machine reports nothing itself: the root's incident says what happened
+        failed = [
+            {"t": float(e.get("detected_at", e["t"])), "description": e.get("reason")}
+            for e in records
+            if e.get("event") == ev.INCIDENT and e.get("generation") == generation
+        ]
     injected = [
         e
         for e in records

@@ -165,7 +165,9 @@ class LocalTestbed:
         etcd = self.spec.etcd
         if not etcd:
             # The job's own etcd, as a real cluster would have one; gone with the job.
-            self._etcd = EtcdServer(EtcdServerConfig()).start()
+            # etcd's default timings: on a few busy cores, shorter election timeouts make the
+            # leader flap while trainers start, and requests time out.
+            self._etcd = EtcdServer(EtcdServerConfig(heartbeat_ms=100, election_ms=1000)).start()
             etcd = self._etcd.endpoint
         env = cfg.child_env(self.spec.env)
         for machine in range(self.spec.machines):
