@@ -81,7 +81,13 @@ class MachineAgent:
             if self._persistent is not None
             else None
         )
-        self._injector = FaultInjector(config.faults, event_log)
+        self._injector = FaultInjector(
+            config.faults,
+            event_log,
+            claim=lambda f: self._plane.claim_fault(
+                f"{f.kind}-s{f.step}-r{f.rank}-m{f.machine}-{f.point.value}"
+            ),
+        )
         self._service = TrainerService(
             config, self._store, self._coordinator, self._injector, event_log, on_step=self._on_step
         )

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gemini_ckpt.faults import MACHINE_KINDS, FaultPoint, ResolvedFault
 from gemini_ckpt.observability import events
@@ -19,11 +19,21 @@ log = logging.getLogger(__name__)
 
 
 class FaultInjector:
-    """Decides when a fault fires; every fault fires at most once per job."""
+    """Decides when a fault fires; every fault fires at most once per job.
 
-    def __init__(self, faults: Sequence[ResolvedFault], event_log: EventLog) -> None:
+    `claim(fault)` is asked before a fault fires and must return True only once per job, also
+    across agents (a replacement machine gets the same faults as the one it replaces).
+    """
+
+    def __init__(
+        self,
+        faults: Sequence[ResolvedFault],
+        event_log: EventLog,
+        claim: Callable[[ResolvedFault], bool] = lambda _: True,
+    ) -> None:
         self._pending = list(faults)
         self._events = event_log
+        self._claim = claim
         self._lock = threading.Lock()
 
     def machine_fault_due(self, step: int, is_root: bool) -> ResolvedFault | None:
@@ -35,7 +45,7 @@ class FaultInjector:
                 if fault.kind == "kill-root" and not is_root:
                     continue
                 self._pending.remove(fault)
-                return fault
+                return fault if self._claim(fault) else None
         return None
 
     def failpoints(self, rank: int) -> list[dict[str, object]]:
@@ -54,7 +64,7 @@ class FaultInjector:
             for fault in self._pending:
                 if (fault.rank, fault.step, fault.point) == (rank, step, point):
                     self._pending.remove(fault)
-                    return fault
+                    return fault if self._claim(fault) else None
         return None
 
     def after_commit(self, rank: int, step: int, pid: int | None) -> bool:

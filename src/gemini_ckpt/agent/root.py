@@ -150,7 +150,9 @@ class RootRole:
             "decided_at": time.time(),
             "root": self._config.machine,
         }
-        if generation + 1 > self._config.max_restarts:
+        # Only generations that got a plan count: one superseded before its plan (a software
+        # failure that turns out to be a lost machine once its lease expires) restarted nothing.
+        if self._plane.planned_restarts(generation) >= self._config.max_restarts:
             reason = (
                 f"{kind}: {incident.reason}; restart limit reached (--max-restarts "
                 f"{self._config.max_restarts})"

@@ -223,7 +223,9 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
         member_ttl_s=args.member_ttl,
         local_addr=args.local_addr or _local_addr(args),
     )
-    return dataclasses.replace(config, faults=tuple(f for f in faults if f.rank in config.ranks))
+    return dataclasses.replace(
+        config, faults=tuple(f for f in faults if f.targets(config.machine, config.ranks))
+    )
 
 
 def _local_addr(args: argparse.Namespace) -> str:

@@ -77,6 +77,7 @@ def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
         "persist_interval_s": args.persist_interval,
         "hang_timeout_s": args.hang_timeout,
         "etcd": args.etcd,
+        "member_ttl_s": args.member_ttl,
     }
     fields.update(overrides)
     return LocalSpec(**fields)  # type: ignore[arg-type]

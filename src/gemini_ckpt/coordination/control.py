@@ -104,6 +104,20 @@ class ControlPlane:
                 out["machines"][int(rest[2:])] = json.loads(item.value)
         return out
 
+    def claim_fault(self, name: str) -> bool:
+        """True for exactly one caller per job and fault `name` (faults fire once per job)."""
+        return self.kv.compare_set(self.key(f"faults/{name}"), None, b"fired")
+
+    def planned_restarts(self, current: int) -> int:
+        """How many generations after the first got a plan (those that actually restarted)."""
+        timelines = self.kv.get_prefix(self.key("timeline/")).items
+        planned = set()
+        for item in timelines:
+            rest = item.key.removeprefix(self.key("timeline/"))
+            if rest.isdigit() and 0 < int(rest) <= current and b"planned_at" in item.value:
+                planned.add(int(rest))
+        return len(planned)
+
     def replacement_requests(self) -> dict[int, dict[str, Any]]:
         """Outstanding and past requests to replace machines."""
         return self._by_machine("operator/requests/")

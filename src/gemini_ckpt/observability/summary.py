@@ -18,6 +18,7 @@ class Recovery:
     """One failure and the recovery that followed it."""
 
     generation: int
+    kind: str
     failures: list[str]
     failed_at: float
     detected_at: float
@@ -44,6 +45,7 @@ class Recovery:
         """JSON form."""
         return {
             "generation": self.generation,
+            "kind": self.kind,
             "failures": self.failures,
             "failed_at": self.failed_at,
             "detected_at": self.detected_at,
@@ -79,11 +81,14 @@ class RunSummary:
 
 def summarize(records: list[dict[str, Any]]) -> RunSummary:
     """Build the summary from all machines' events, merged in time order."""
-    recoveries: list[Recovery] = []
-    for generation in sorted(
-        {int(e["generation"]) for e in records if e.get("event") == ev.RESTART}
-    ):
-        recoveries.append(_recovery(records, generation))
+    planned = sorted(
+        {
+            int(e["generation"])
+            for e in records
+            if e.get("event") == ev.PLAN and int(e.get("generation", 0)) > 0
+        }
+    )
+    recoveries = [_recovery(records, g, ([0, *planned])[i]) for i, g in enumerate(planned)]
     progress = [e for e in records if e.get("event") == ev.PROGRESS]
     finished = [e for e in records if e.get("event") == ev.JOB_FINISHED]
     status = "running"
@@ -99,18 +104,27 @@ def summarize(records: list[dict[str, Any]]) -> RunSummary:
     return RunSummary(status, final, recoveries, memory)
 
 
-def _recovery(records: list[dict[str, Any]], generation: int) -> Recovery:
-    previous = generation - 1
+def _recovery(records: list[dict[str, Any]], generation: int, previous: int) -> Recovery:
+    """The recovery into planned `generation`, from the last planned one, `previous`.
+
+    Generations in between were opened and superseded before any plan (a dead trainer's incident
+    replaced by its machine's once the machine's lease expired): they belong to this recovery.
+    """
+    window = range(previous, generation)
     failed = [
         e
         for e in records
-        if e.get("event") in (ev.WORKER_FAILED, ev.HANG) and e.get("generation") == previous
+        if e.get("event") in (ev.WORKER_FAILED, ev.HANG) and e.get("generation") in window
+    ]
+    incidents = [
+        e
+        for e in records
+        if e.get("event") == ev.INCIDENT and previous < int(e.get("generation", 0)) <= generation
     ]
     if not failed:  # a lost machine reports nothing itself: the root's incident says what happened
         failed = [
             {"t": float(e.get("detected_at", e["t"])), "description": e.get("reason")}
-            for e in records
-            if e.get("event") == ev.INCIDENT and e.get("generation") == generation
+            for e in incidents
         ]
     injected = [
         e
@@ -125,7 +139,9 @@ def _recovery(records: list[dict[str, Any]], generation: int) -> Recovery:
     committed = [
         int(e["step"])
         for e in records
-        if e.get("event") == ev.PROGRESS and e.get("generation") == previous
+        if e.get("event") == ev.PROGRESS
+        and e.get("generation") in window
+        and float(e["t"]) <= detected_at
     ]
     plans = [e for e in records if e.get("event") == ev.PLAN and e.get("generation") == generation]
     sources: dict[int, str] = {}
@@ -146,6 +162,7 @@ def _recovery(records: list[dict[str, Any]], generation: int) -> Recovery:
     ]
     return Recovery(
         generation=generation,
+        kind=str(incidents[-1].get("kind")) if incidents else "failure",
         failures=[str(e.get("description") or e.get("reason")) for e in failed],
         failed_at=failed_at,
         detected_at=detected_at,

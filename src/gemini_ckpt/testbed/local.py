@@ -8,6 +8,7 @@ on a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from gemini_ckpt import config as cfg
+from gemini_ckpt.coordination.control import ControlPlane
+from gemini_ckpt.coordination.etcd_kv import EtcdKV
 from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.faults import parse_fault, resolve_faults
+from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import parse_events, read_events
 from gemini_ckpt.observability.summary import RunSummary, summarize
+from gemini_ckpt.testbed.operator import LocalProcessOperator
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class LocalSpec:
     persist_every: int = 0
     persist_interval_s: float = 0.0
     hang_timeout_s: float = 600.0
+    member_ttl_s: int = 5
     etcd: str = ""
     """An existing etcd cluster (HOST:PORT,...); empty: start a private one for the job."""
     env: dict[str, str] = field(default_factory=dict)
@@ -101,7 +107,10 @@ class LocalTestbed:
         self.run_dir = spec.run_dir or Path(tempfile.mkdtemp(prefix="gemini-local-"))
         self._own_run_dir = spec.run_dir is None
         self._etcd: EtcdServer | None = None
-        self._agents: list[subprocess.Popen[bytes]] = []
+        self._etcd_endpoint = ""
+        self._agents: dict[int, subprocess.Popen[bytes]] = {}
+        self._kv: EtcdKV | None = None
+        self._operator: LocalProcessOperator | None = None
         self.tail = EventTail([self.event_file(m) for m in range(spec.machines)])
 
     def event_file(self, machine: int) -> Path:
@@ -141,6 +150,8 @@ class LocalTestbed:
             str(spec.fault_seed),
             "--hang-timeout",
             str(spec.hang_timeout_s),
+            "--member-ttl",
+            str(spec.member_ttl_s),
         ]
         if spec.memory_limit:
             command += ["--memory-limit", spec.memory_limit]
@@ -169,24 +180,55 @@ class LocalTestbed:
             # leader flap while trainers start, and requests time out.
             self._etcd = EtcdServer(EtcdServerConfig(heartbeat_ms=100, election_ms=1000)).start()
             etcd = self._etcd.endpoint
-        env = cfg.child_env(self.spec.env)
+        self._etcd_endpoint = etcd
         for machine in range(self.spec.machines):
-            machine_dir = self.run_dir / f"m{machine}"
-            machine_dir.mkdir(parents=True, exist_ok=True)
-            with (machine_dir / "agent.log").open("wb") as log:
-                self._agents.append(
-                    subprocess.Popen(
-                        self.agent_command(machine, etcd),
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+            self._launch(machine)
+        self._kv = EtcdKV(cfg.EtcdClientConfig(cfg.parse_endpoints(etcd))).start()
+        plane = ControlPlane(self._kv, self.job_id, self.spec.machines)
+        self._operator = LocalProcessOperator(plane, self._retire, self._launch)
+        self._operator.start()
+
+    def _launch(self, machine: int) -> int:
+        """Start machine `machine`'s agent (again, for a replacement); return its pid."""
+        machine_dir = self.run_dir / f"m{machine}"
+        machine_dir.mkdir(parents=True, exist_ok=True)
+        with (machine_dir / "agent.log").open("ab") as log:
+            agent = subprocess.Popen(
+                self.agent_command(machine, self._etcd_endpoint),
+                env=cfg.child_env(self.spec.env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._agents[machine] = agent
+        return agent.pid
+
+    def _retire(self, machine: int) -> None:
+        """Make sure nothing of machine `machine` survives: agent, trainers, shared memory."""
+        agent = self._agents.get(machine)
+        if agent is not None and agent.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+        started = [
+            r
+            for r in read_events([self.event_file(machine)])
+            if r.get("event") == events.GENERATION_STARTED
+        ]
+        for pid in (started[-1].get("pids") or {}).values() if started else ():
+            if _runs(int(pid), str(self.spec.script)):  # never a process that reused the pid
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(pid), signal.SIGKILL)
+        shutil.rmtree(cfg.shm_root() / f"gemini-{self.job_id}" / f"m{machine}", ignore_errors=True)
+
+    @property
+    def replacements(self) -> list[dict[str, float | int]]:
+        """Machines the operator replaced, with timestamps."""
+        return list(self._operator.replacements) if self._operator else []
 
     def poll(self) -> int | None:
         """None while agents run; their worst exit code once all have ended."""
-        codes = [agent.poll() for agent in self._agents]
+        codes = [agent.poll() for agent in self._agents.values()]
         if any(code is None for code in codes):
             return None
         return max(abs(c) for c in codes if c is not None)
@@ -214,17 +256,23 @@ class LocalTestbed:
 
     def close(self, grace_s: float = 15.0) -> None:
         """Stop agents still running (SIGTERM, then SIGKILL) and free the job's shared memory."""
-        for agent in self._agents:
+        if self._operator is not None:
+            self._operator.close()
+            self._operator = None
+        for agent in self._agents.values():
             if agent.poll() is None:
                 os.killpg(agent.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for agent in self._agents:
+        for agent in self._agents.values():
             try:
                 agent.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(agent.pid, signal.SIGKILL)
                 agent.wait()
         shutil.rmtree(cfg.shm_root() / f"gemini-{self.job_id}", ignore_errors=True)
+        if self._kv is not None:
+            self._kv.close()
+            self._kv = None
         if self._etcd is not None:
             self._etcd.stop()
             self._etcd = None
@@ -240,3 +288,11 @@ class LocalTestbed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _runs(pid: int, script: str) -> bool:
+    """Whether process `pid` is running `script`."""
+    try:
+        return script.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
