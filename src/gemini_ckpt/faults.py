@@ -31,8 +31,13 @@ _KINDS = {
     # SIGKILLed and its shared memory is unlinked (machine=M; kill-root: the root's machine).
     "kill-machine": ("step", "machine"),
     "kill-root": ("step",),
+    # Executed by the test bed, which runs the job's etcd: SIGKILL member `member` (default 0) of
+    # a cluster, or stop the (single) server for `seconds` with SIGSTOP, then continue it.
+    "kill-etcd-member": ("step", "member"),
+    "stop-etcd": ("step", "seconds"),
 }
 MACHINE_KINDS = ("kill-machine", "kill-root")
+ETCD_KINDS = ("kill-etcd-member", "stop-etcd")
 KNOWN_KINDS = tuple(_KINDS)
 
 
@@ -46,6 +51,8 @@ class FaultSpec:
     machine: int | None = None
     point: FaultPoint = FaultPoint.AFTER_COMMIT
     text: str = ""
+    seconds: int = 0
+    """How long a stop-etcd fault keeps etcd stopped."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +69,12 @@ class ResolvedFault:
     point: FaultPoint
     name: str
     machine: int | None = None
+    seconds: int = 0
 
     def targets(self, machine: int, ranks: range) -> bool:
         """Whether this fault is for the agent of `machine`, which runs `ranks`."""
+        if self.kind in ETCD_KINDS:
+            return False  # the test bed executes these
         if self.kind in MACHINE_KINDS:
             return self.machine in (machine, -1)
         return self.rank in ranks
@@ -111,6 +121,14 @@ def parse_fault(text: str) -> FaultSpec:
         fields[key] = value.strip()
     if kind in MACHINE_KINDS:
         return _build_machine_fault(kind, text, fields)
+    if kind in ETCD_KINDS:
+        if "step" not in fields:
+            raise FaultSpecError(f"fault {text!r} needs step=S (the step at which it fires)")
+        step = _int_field(text, "step", fields["step"], 1)
+        # `machine` carries the etcd member's index.
+        member = _int_field(text, "member", fields["member"], 0) if "member" in fields else 0
+        seconds = _int_field(text, "seconds", fields["seconds"], 1) if "seconds" in fields else 3
+        return FaultSpec(kind, step, None, member, FaultPoint.AFTER_COMMIT, text.strip(), seconds)
     return _build_rank_fault(kind, text, fields)
 
 
@@ -159,6 +177,13 @@ def resolve_faults(
     rng = random.Random(seed)
     resolved = []
     for spec in specs:
+        if spec.kind in ETCD_KINDS:
+            resolved.append(
+                ResolvedFault(
+                    spec.kind, spec.step, -1, spec.point, spec.text, spec.machine, spec.seconds
+                )
+            )
+            continue
         if spec.kind in MACHINE_KINDS:
             if spec.machine is not None and spec.machine >= machines:
                 raise FaultSpecError(

@@ -82,3 +82,13 @@ def test_job_failure_and_done():
     b.fail_job("restart limit reached")
     a.fail_job("second reason is ignored")
     assert a.failure() == "restart limit reached"
+
+
+def test_a_step_settles_as_complete_or_skipped():
+    _, a, b = pair()
+    a.report_committed(0, 3)
+    b.report_committed(0, 3)
+    assert a.wait_settled(0, 3, 0.1, lambda: None) == "complete"
+    a.report_committed(0, 4)
+    b.report_skipped(0, 4)
+    assert a.wait_settled(0, 4, 0.1, lambda: None) == "skipped"

@@ -120,3 +120,15 @@ def test_write_before_allocation_is_refused(tmp_path):
             store.prepare_write(0, 1)
     finally:
         store.close()
+
+
+def test_a_step_some_rank_skipped_is_given_up_instead_of_the_older_one():
+    slots = RankSlots(0)
+    for step, slot in ((4, 0), (5, 1)):
+        slots.begin(slots.grant(step))
+        slots.commit(slot, manifest(step))
+    assert slots.grant(6) == WriteGrant(0, 6, 4, 5)  # normally: reuse the older slot
+    grant = slots.grant(6, give_up=5)
+    assert grant == WriteGrant(1, 6, 5, 4, True)  # step 5 can never be common: keep step 4
+    slots.begin(grant)
+    assert slots.committed_steps() == [4]

@@ -11,16 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from gemini_ckpt.agent.claim import MachineClaim
-from gemini_ckpt.agent.fault_injector import FaultInjector
+from gemini_ckpt.agent.fault_injector import FaultInjector, kill_machine
 from gemini_ckpt.agent.persister import Persister, PersistPolicy
+from gemini_ckpt.agent.reporting import StatusReporter
 from gemini_ckpt.agent.root import RootRole
 from gemini_ckpt.agent.server import ControlServer
 from gemini_ckpt.agent.service import Connection, TrainerService
@@ -35,7 +33,6 @@ from gemini_ckpt.errors import CoordinationError, CorruptCheckpointError, Recove
 from gemini_ckpt.faults import ResolvedFault
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
-from gemini_ckpt.recovery.classify import MemberReport, classify
 from gemini_ckpt.recovery.plan import PERSISTENT_TIER, RestorePlan
 from gemini_ckpt.snapshot.copier import ChunkCopier
 from gemini_ckpt.store.local_store import LocalStore
@@ -99,6 +96,9 @@ class MachineAgent:
             config.shm_dir.with_name(f"{config.shm_dir.name}.lock"),
             owned=(config.shm_dir, config.socket_path),
         )
+        self._reporter = StatusReporter(
+            config.machine, self._plane, self._service, self._store, self._workers, event_log
+        )
         self._root = RootRole(config, self._plane, self._coordinator, event_log, self._persistent)
         self._copier = ChunkCopier(2)
         self._lease: LeaseKeeper | None = None
@@ -115,6 +115,7 @@ class MachineAgent:
         self._store.start()
         if self._persister is not None:
             self._persister.start()
+        self._service.start()
         self._server.start()
         lease = self._plane.kv.grant_lease(self.config.member_ttl_s)
         self._lease = LeaseKeeper(self._plane.kv, lease).start()
@@ -152,7 +153,11 @@ class MachineAgent:
                 )
             except (CorruptCheckpointError, StoreError, RecoveryError) as e:
                 log.error("generation %d could not load its restore: %s", generation, e)
-                self._report(generation, failures=[f"machine {self.config.machine}: {e}"])
+                self._reporter.report(
+                    generation,
+                    failures=[f"machine {self.config.machine}: {e}"],
+                    failed_ranks=list(self.config.ranks),
+                )
                 outcome = self._wait_for_decision(generation)
             except CoordinationError as e:
                 return self._give_up(f"generation {generation} could not start: {e}")
@@ -176,6 +181,7 @@ class MachineAgent:
         if self._lease is not None:
             self._lease.close(revoke=True)
         self._server.close()
+        self._service.close()
         self._store.close()
         self._copier.close()
         self._claim.release()
@@ -222,7 +228,7 @@ class MachineAgent:
         self._workers.start(
             Rendezvous(generation, str(worker_store["addr"]), int(worker_store["port"]))
         )
-        self._report(generation)
+        self._reporter.report(generation)
         self._events.emit(
             events.GENERATION_STARTED,
             generation=generation,
@@ -247,28 +253,22 @@ class MachineAgent:
         while True:
             state, failures = self._workers.poll()
             if not reported and state is GroupState.FAILED:
-                self._report_failures(generation, failures)
+                self._reporter.failures(generation, failures)
                 reported = True
-            hang = self._hang(started) if state is GroupState.RUNNING and not reported else None
-            if hang is not None:
-                self._events.emit(
-                    events.HANG,
-                    generation=generation,
-                    reason=hang,
-                    ranks=list(self.config.ranks),
-                    last_committed=self._service.last_progress()[0],
+            if not reported and state is GroupState.RUNNING:
+                reported = self._reporter.hang(
+                    generation, self.config.ranks, started, self.config.hang_timeout_s
                 )
-                self._report(generation, failed_ranks=list(self.config.ranks), hang=hang)
-                reported = True
             outcome = self._interrupted(generation)
             if outcome is not None:
                 return outcome
             if state is GroupState.SUCCEEDED and not reported:
-                if not marked_done:
-                    self._coordinator.mark_done(generation, self.config.machine)
-                    marked_done = True
-                if self._coordinator.all_done(generation):
-                    return Outcome(succeeded=True)
+                with contextlib.suppress(CoordinationError):
+                    if not marked_done:
+                        self._coordinator.mark_done(generation, self.config.machine)
+                        marked_done = True
+                    if self._coordinator.all_done(generation):
+                        return Outcome(succeeded=True)
             time.sleep(_POLL_S)
 
     def _wait_for_decision(self, generation: int) -> Outcome:
@@ -283,54 +283,17 @@ class MachineAgent:
         lost = self._lease_lost()
         if lost:
             return Outcome(lease_lost=lost)
-        failure = self._coordinator.failure()
+        try:
+            failure = self._coordinator.failure()
+            moved = self._coordinator.generation() != generation
+        except CoordinationError as e:
+            # etcd briefly away: training goes on; only decisions wait for it (the lease keeper
+            # declares this machine lost if it stays away a whole TTL).
+            log.debug("etcd unavailable while supervising: %s", e)
+            return None
         if failure:
             return Outcome(job_failed=failure)
-        if self._coordinator.generation() != generation:
-            return Outcome()
-        return None
-
-    def _hang(self, started: float) -> str | None:
-        step, at = self._service.last_progress()
-        report = MemberReport(alive=True, last_step=step, last_step_at=at)
-        incident = classify(
-            time.monotonic(), {self.config.machine: report}, self.config.hang_timeout_s, started
-        )
-        return incident.reason if incident is not None else None
-
-    def _report_failures(self, generation: int, failures: list[WorkerExit]) -> None:
-        for failure in failures:
-            self._events.emit(
-                events.WORKER_FAILED,
-                generation=generation,
-                rank=failure.rank,
-                pid=failure.pid,
-                exitcode=failure.exitcode,
-                description=failure.describe(),
-                last_committed=self._store.latest(failure.rank),
-                stderr_tail=self._workers.stderr_tail(failure.local_rank),
-            )
-        log.warning("generation %d: %s", generation, "; ".join(f.describe() for f in failures))
-        self._report(
-            generation,
-            failed_ranks=[f.rank for f in failures],
-            failures=[f.describe() for f in failures],
-        )
-
-    def _report(self, generation: int, **fields: Any) -> None:
-        """Publish this machine's status for the root (best effort: etcd may be briefly away)."""
-        step, _ = self._service.last_progress()
-        record = {
-            "generation": generation,
-            "at": time.time(),
-            "last_step": step,
-            "failed_ranks": [],
-            **fields,
-        }
-        try:
-            self._plane.report(self.config.machine, record)
-        except CoordinationError as e:
-            log.warning("could not report status to etcd: %s", e)
+        return Outcome() if moved else None
 
     def _end_generation(self, generation: int, outcome: Outcome) -> int | None:
         """Stop this generation's workers; return the next generation, or None if the job ends."""
@@ -399,8 +362,4 @@ class MachineAgent:
             machine=self.config.machine,
             root=self._root.leading,
         )
-        for pid in self._workers.pids().values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.config.shm_dir, ignore_errors=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        kill_machine(list(self._workers.pids().values()), self.config.shm_dir)

@@ -67,6 +67,7 @@ class EmbeddedAgent:
         """Create the store, open the socket and serve generation 0 as a fresh start."""
         self.events.start()
         self.store.start()
+        self.service.start()
         self.server.start()
         self.service.open_generation(0, plan_restore(0, self.config.world_size, {}))
         return self
@@ -98,6 +99,7 @@ class EmbeddedAgent:
     def close(self) -> None:
         """Stop serving and release all checkpoint memory."""
         self.server.close()
+        self.service.close()
         self.store.close()
         self.events.close()
         if self._tmp is not None:

@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from gemini_ckpt.faults import MACHINE_KINDS, FaultPoint, ResolvedFault
 from gemini_ckpt.observability import events
@@ -100,3 +103,12 @@ class FaultInjector:
         except ProcessLookupError:
             return False
         return True
+
+
+def kill_machine(pids: list[int], shm_dir: Path) -> None:
+    """Take this whole machine down at once: trainers, shared memory, and the agent itself."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(shm_dir, ignore_errors=True)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -17,7 +17,12 @@ from typing import Any
 from gemini_ckpt.agent.fault_injector import FaultInjector
 from gemini_ckpt.config import AgentConfig
 from gemini_ckpt.coordination.job import JobCoordinator
-from gemini_ckpt.errors import ProtocolError, RecoveryError
+from gemini_ckpt.errors import (
+    CoordinationError,
+    CoordinationUnavailableError,
+    ProtocolError,
+    RecoveryError,
+)
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
 from gemini_ckpt.protocol.manifest import Manifest
@@ -73,6 +78,12 @@ class TrainerService:
         self._generation = -1
         self._plan: RestorePlan | None = None
         self._stopping: str | None = None
+        self._unreported: list[tuple[int, int, str]] = []
+        self._report_lock = threading.Lock()
+        self._report_wanted = threading.Event()
+        self._closed = threading.Event()
+        self._reporter: threading.Thread | None = None
+        self._etcd_quiet_until = 0.0
         self._handlers: dict[str, Callable[[Request, Connection], dict[str, Any]]] = {
             "hello": self._hello,
             "allocate": self._allocate,
@@ -180,14 +191,14 @@ class TrainerService:
         rank, step = request["rank"], request["step"]
         grant = self._store.prepare_write(rank, step)
         if grant.overwrites is not None and grant.keep is not None:
-            # The slot to reuse holds an older step; the other slot's step must be held by every
-            # rank of the job first, or a failure now could leave no step common to all ranks.
-            self._coordinator.wait_complete(
-                conn.generation,
-                grant.keep,
-                self._config.commit_wait_timeout_s,
-                lambda: self._abort_reason(conn.generation),
-            )
+            settled = self._settle(conn, grant.keep)
+            if settled is None:
+                # etcd cannot say right now: skip this save rather than stop training on etcd.
+                self._queue_report(conn.generation, step, "skipped")
+                return {"skip": True, "reason": f"etcd unavailable to settle step {grant.keep}"}
+            if settled == "skipped":
+                # Some rank skipped the newest step: give it up and keep the older, complete one.
+                grant = self._store.prepare_write(rank, step, give_up=grant.keep)
         with self._lock:
             if conn.generation != self._generation:
                 raise RecoveryError(
@@ -227,7 +238,7 @@ class TrainerService:
             for old in [s for s in self._progress.timings if s < floor]:
                 del self._progress.timings[old]
             generation = self._generation
-        self._coordinator.report_committed(generation, floor)
+        self._report_committed(generation, floor)
         if self._on_step is not None:
             self._on_step(floor)
         first = min(timings) if timings else None
@@ -238,6 +249,83 @@ class TrainerService:
             rank=first,
             **(timings.get(first, {}) if first is not None else {}),
         )
+
+    def _settle(self, conn: Connection, keep: int) -> str | None:
+        """Wait until step `keep` is "complete" or "skipped" job-wide; None if etcd can't say.
+
+        The slot to reuse holds an older step; the other slot's step must be held by every rank
+        of the job first, or a failure now could leave no step common to all ranks. A step some
+        rank skipped is never common: then the older step is kept instead.
+        """
+        if time.monotonic() < self._etcd_quiet_until:
+            return None  # etcd just failed to answer: do not make every step wait to find out
+        try:
+            return self._coordinator.wait_settled(
+                conn.generation,
+                keep,
+                self._config.commit_wait_timeout_s,
+                lambda: self._abort_reason(conn.generation),
+            )
+        except CoordinationUnavailableError as e:
+            log.warning("skipping saves for a second: %s", e)
+            self._etcd_quiet_until = time.monotonic() + 1.0
+            return None
+
+    def _report_committed(self, generation: int, step: int) -> None:
+        """Count `step` as committed on this machine in etcd, from the reporter thread.
+
+        A commit never waits for etcd.
+        """
+        self._queue_report(generation, step, "committed")
+
+    def _queue_report(self, generation: int, step: int, kind: str) -> None:
+        with self._lock:
+            self._unreported.append((generation, step, kind))
+        self._report_wanted.set()
+
+    def start(self) -> None:
+        """Start the thread that sends step counts to etcd."""
+        self._reporter = threading.Thread(
+            target=self._report_loop, name="gemini-report", daemon=True
+        )
+        self._reporter.start()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the reporter thread (counts not sent by then are dropped: the job is over)."""
+        self._closed.set()
+        self._report_wanted.set()
+        if self._reporter is not None:
+            self._reporter.join(timeout_s)
+
+    def _report_loop(self) -> None:
+        while not self._closed.is_set():
+            self._report_wanted.wait(0.5)
+            self._report_wanted.clear()
+            self.flush_reports()
+
+    def flush_reports(self) -> None:
+        """Send the step counts etcd missed while it was away, oldest first.
+
+        The agent calls this from its supervision loop too.
+        """
+        with self._report_lock:
+            while True:
+                with self._lock:
+                    if not self._unreported:
+                        return
+                    generation, step, kind = self._unreported[0]
+                try:
+                    if kind == "skipped":
+                        self._coordinator.report_skipped(generation, step)
+                    else:
+                        self._coordinator.report_committed(generation, step)
+                except CoordinationError as e:
+                    log.warning(
+                        "etcd did not take step %d of generation %d yet: %s", step, generation, e
+                    )
+                    return
+                with self._lock:
+                    self._unreported.pop(0)
 
     def _abort(self, request: Request, conn: Connection) -> dict[str, Any]:
         if self._store.abort_write(request["rank"], request["step"]):

@@ -53,6 +53,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=env("ETCD", ""),
         help="use this etcd cluster, HOST:PORT[,...] (default: a private one per job)",
     )
+    p.add_argument(
+        "--etcd-members",
+        type=int,
+        default=env("ETCD_MEMBERS", "1"),
+        help="members of the private etcd (3: survives losing one)",
+    )
     add_common_options(p)
     p.set_defaults(run=run)
 
@@ -78,6 +84,7 @@ def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
         "hang_timeout_s": args.hang_timeout,
         "etcd": args.etcd,
         "member_ttl_s": args.member_ttl,
+        "etcd_members": args.etcd_members,
     }
     fields.update(overrides)
     return LocalSpec(**fields)  # type: ignore[arg-type]

@@ -202,6 +202,12 @@ class EtcdServer:
             proc.wait(self.config.stop_timeout_s)
         self._close_log(index)
 
+    def signal(self, index: int, sig: int) -> None:
+        """Send `sig` to member `index` (SIGSTOP/SIGCONT make it unresponsive for a while)."""
+        proc = self._procs[index]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+
     def restart(self, index: int) -> None:
         """Start member `index` again with its flags and data, and wait until it serves reads.
 

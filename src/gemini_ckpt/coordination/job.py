@@ -1,7 +1,8 @@
 """Job-wide coordination between machine agents: membership, generations, restore plans, progress.
 
-Written once over the small `KV` interface. Each incarnation of the worker group is a generation;
-any agent that sees a failure bumps it, and every agent restarts its workers into the new one.
+Written over `ControlKV` (etcd, or `MemoryKV` in unit tests). Each incarnation of the worker
+group is a generation; the root opens a new one after a failure (see `control.py`), and every
+agent restarts its workers into it.
 
 Keys (under `gemini/<job>/`):
     joined/m<i>                    agent i is up
@@ -19,14 +20,17 @@ Keys (under `gemini/<job>/`):
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from gemini_ckpt.coordination.kv import KV
-from gemini_ckpt.errors import CoordinationError
+from gemini_ckpt.coordination.control_kv import ControlKV
+from gemini_ckpt.errors import CoordinationError, CoordinationUnavailableError
+
+log = logging.getLogger(__name__)
 
 
 class WaitAborted(CoordinationError):
@@ -36,7 +40,7 @@ class WaitAborted(CoordinationError):
 class JobCoordinator:
     """The coordination calls agents make; thread-safe as far as the KV is."""
 
-    def __init__(self, kv: KV, job: str, machines: int, poll_s: float = 0.005) -> None:
+    def __init__(self, kv: ControlKV, job: str, machines: int, poll_s: float = 0.005) -> None:
         self._kv = kv
         self._prefix = f"gemini/{job}/"
         self.machines = machines
@@ -62,12 +66,24 @@ class JobCoordinator:
         probe: Callable[[], Any],
         timeout_s: float,
         abort: Callable[[], str | None] | None = None,
+        *,
+        patient: bool = True,
     ) -> Any:
-        """Poll `probe` until it returns something other than None."""
+        """Poll `probe` until it returns something other than None.
+
+        A `patient` wait rides out etcd being briefly unavailable; otherwise that is raised.
+        """
         deadline = time.monotonic() + timeout_s
         delay = self._poll_s
         while True:
-            value = probe()
+            try:
+                value = probe()
+            except CoordinationUnavailableError as e:
+                if not patient:
+                    raise
+                # etcd briefly away (a leader election, a restart): keep waiting for it.
+                log.debug("still waiting for %s: %s", what, e)
+                value = None
             if value is not None:
                 return value
             reason = abort() if abort else None
@@ -127,10 +143,17 @@ class JobCoordinator:
     def publish_inventory(
         self, generation: int, machine: int, inventory: dict[int, list[int]]
     ) -> None:
-        """Record which steps this machine holds for each of its ranks."""
-        self._set_json(
-            f"gen{generation}/inventory/m{machine}", {str(r): s for r, s in inventory.items()}
-        )
+        """Record which steps this machine holds for each of its ranks.
+
+        Retried while etcd is away, for up to a minute.
+        """
+        value = {str(r): s for r, s in inventory.items()}
+
+        def put() -> bool:
+            self._set_json(f"gen{generation}/inventory/m{machine}", value)
+            return True
+
+        self._wait(f"etcd to record machine {machine}'s inventory", put, 60.0)
 
     def inventories_now(self, generation: int) -> dict[int, dict[int, list[int]]] | None:
         """Every machine's inventory for `generation` if all are published, else None."""
@@ -201,10 +224,38 @@ class JobCoordinator:
                 # be waiting on the step reported two before this one.
                 self._kv.delete(self._key(f"gen{generation}/complete/{oldest}"))
 
+    def report_skipped(self, generation: int, step: int) -> None:
+        """Some rank of this machine skipped `step`: it can never be common to all ranks."""
+        self._kv.set(self._key(f"gen{generation}/skipped/{step}"), b"1")
+
+    def wait_settled(
+        self, generation: int, step: int, timeout_s: float, abort: Callable[[], str | None]
+    ) -> str:
+        """Wait until `step` is settled: "complete" or "skipped".
+
+        Complete: every rank committed it. Skipped: some rank skipped it, so no rank keeps it.
+
+        Raises:
+            CoordinationUnavailableError: etcd cannot tell right now (the caller may skip the
+                save instead of blocking training on etcd).
+        """
+        complete = self._key(f"gen{generation}/complete/{step}")
+        skipped = self._key(f"gen{generation}/skipped/{step}")
+
+        def probe() -> str | None:
+            # Short reads: a stopped etcd must not hold a trainer's save for long.
+            if self._kv.get(complete, timeout_s=0.5) is not None:
+                return "complete"
+            return "skipped" if self._kv.get(skipped, timeout_s=0.5) is not None else None
+
+        return str(
+            self._wait(f"all ranks to commit step {step}", probe, timeout_s, abort, patient=False)
+        )
+
     def wait_complete(
         self, generation: int, step: int, timeout_s: float, abort: Callable[[], str | None]
     ) -> None:
-        """Wait until every rank of the job has committed `step`."""
+        """Wait until every rank of the job has committed `step` (see `wait_settled`)."""
         key = self._key(f"gen{generation}/complete/{step}")
         self._wait(
             f"all ranks to commit step {step}",

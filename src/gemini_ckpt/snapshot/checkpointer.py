@@ -224,7 +224,8 @@ class Checkpointer:
             # Sync mode: the bytes are copied before save() returns, so the state may change
             # right away; checksums and the commit follow in the background.
             written = writer.write(flat, layout, ready, timing)
-            self._pending = session.jobs.submit(writer.commit, flat, layout, written, timing)
+            if written is not None:
+                self._pending = session.jobs.submit(writer.commit, flat, layout, written, timing)
 
     def wait(self) -> None:
         """Block until the background save (if any) is committed; re-raise its failure."""
@@ -251,4 +252,6 @@ class Checkpointer:
 def _save_job(
     writer: SlotWriter, flat: FlatState, layout: Layout, ready: Any, timing: SaveTiming
 ) -> None:
-    writer.commit(flat, layout, writer.write(flat, layout, ready, timing), timing)
+    written = writer.write(flat, layout, ready, timing)
+    if written is not None:
+        writer.commit(flat, layout, written, timing)

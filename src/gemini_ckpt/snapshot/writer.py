@@ -44,6 +44,8 @@ class SaveTiming:
     iteration_s: float = 0.0
     """Time since the previous `save()` call."""
     extra: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+    """The agent asked to skip this save (nothing was written)."""
 
     def report(self, mode: str) -> dict[str, Any]:
         """What the agent records with the commit."""
@@ -87,8 +89,14 @@ class SlotWriter:
         self._capacity = 0
         self._regions: dict[int, MappedRegion] = {}
 
-    def write(self, flat: FlatState, layout: Layout, ready: Any, timing: SaveTiming) -> WrittenSlot:
-        """Claim a slot and copy the state into it (with checksums when overlapped)."""
+    def write(
+        self, flat: FlatState, layout: Layout, ready: Any, timing: SaveTiming
+    ) -> WrittenSlot | None:
+        """Claim a slot and copy the state into it (with checksums when overlapped).
+
+        Returns None when the agent says to skip this save (it cannot make it safe right now,
+        e.g. etcd is briefly unavailable): training goes on and a later save is kept instead.
+        """
         session, step = self._session, timing.step
         client, config = session.client, session.config
         started = time.monotonic()
@@ -96,6 +104,10 @@ class SlotWriter:
             reply = client.request("allocate", rank=config.rank, nbytes=layout.data_nbytes)
             self._capacity = int(reply["capacity"])
         grant = client.request("begin", rank=config.rank, step=step)
+        if grant.get("skip"):
+            log.warning("step %d not checkpointed: %s", step, grant.get("reason"))
+            timing.skipped = True
+            return None
         checksum = config.snapshot_mode == "overlapped"
         try:
             region = self._region(int(grant["slot"]), Path(grant["path"]))

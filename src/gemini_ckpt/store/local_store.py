@@ -116,12 +116,12 @@ class LocalStore:
         with self._lock:
             return self._capacity.get(rank, 0)
 
-    def prepare_write(self, rank: int, step: int) -> WriteGrant:
+    def prepare_write(self, rank: int, step: int, give_up: int | None = None) -> WriteGrant:
         """Choose the slot for `rank`'s `step` without changing anything (see `RankSlots.grant`)."""
         with self._lock:
             if self._capacity.get(rank, 0) == 0:
                 raise StoreError(f"rank {rank} has no slots yet; allocate before saving")
-            return self._slots(rank).grant(step)
+            return self._slots(rank).grant(step, give_up)
 
     def begin_write(self, rank: int, grant: WriteGrant) -> Path:
         """Start writing per `grant`; its slot stops holding a visible checkpoint. Returns its file.
@@ -137,7 +137,8 @@ class LocalStore:
                     f"rank {rank} slot {grant.slot} is still being read after {READ_WAIT_S:.0f} s"
                 )
             slots = self._slots(rank)
-            if slots.grant(grant.step) != grant:
+            give_up = grant.overwrites if grant.replaces_newest else None
+            if slots.grant(grant.step, give_up) != grant:
                 raise StoreError(f"rank {rank}'s slots changed while step {grant.step} waited")
             # Ordering: the old manifest goes before any new byte lands: a torn slot never has one.
             shm.unlink(self._manifest_path(rank, grant.slot))

@@ -47,6 +47,8 @@ class WriteGrant:
     step: int
     overwrites: int | None
     keep: int | None
+    replaces_newest: bool = False
+    """The newest step is given up (some rank skipped it) and the older one kept instead."""
 
 
 class RankSlots:
@@ -76,8 +78,12 @@ class RankSlots:
         """The slot being written, if any."""
         return next((s for s in self.slots if s.status is SlotStatus.WRITING), None)
 
-    def grant(self, step: int) -> WriteGrant:
+    def grant(self, step: int, give_up: int | None = None) -> WriteGrant:
         """Choose the slot to write `step` into (does not change state; see `begin`).
+
+        Normally the slot of the older step is reused. With `give_up`, the slot holding that
+        step (the newest, which some rank of the job skipped, so it can never be common to all)
+        is reused instead and the older step is kept.
 
         Raises:
             StoreError: `step` does not come after the newest committed step, or a write is
@@ -96,6 +102,9 @@ class RankSlots:
         if empty:
             return WriteGrant(empty[0], step, None, latest)
         oldest = min(range(SLOTS_PER_RANK), key=lambda i: self.slots[i].step)
+        newest = 1 - oldest
+        if give_up is not None and self.slots[newest].step == give_up:
+            return WriteGrant(newest, step, give_up, self.slots[oldest].step, True)
         return WriteGrant(oldest, step, self.slots[oldest].step, latest)
 
     def begin(self, grant: WriteGrant) -> None:

@@ -25,10 +25,11 @@ from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.coordination.etcd_kv import EtcdKV
 from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
 from gemini_ckpt.errors import ConfigError
-from gemini_ckpt.faults import parse_fault, resolve_faults
+from gemini_ckpt.faults import ETCD_KINDS, parse_fault, resolve_faults
 from gemini_ckpt.observability import events
-from gemini_ckpt.observability.events import parse_events, read_events
+from gemini_ckpt.observability.events import EventLog, parse_events, read_events
 from gemini_ckpt.observability.summary import RunSummary, summarize
+from gemini_ckpt.testbed.etcd_faults import EtcdFaults
 from gemini_ckpt.testbed.operator import LocalProcessOperator
 
 
@@ -54,6 +55,8 @@ class LocalSpec:
     persist_interval_s: float = 0.0
     hang_timeout_s: float = 600.0
     member_ttl_s: int = 5
+    etcd_members: int = 1
+    """Members of the private etcd the test bed starts (3: a cluster that survives losing one)."""
     etcd: str = ""
     """An existing etcd cluster (HOST:PORT,...); empty: start a private one for the job."""
     env: dict[str, str] = field(default_factory=dict)
@@ -111,6 +114,8 @@ class LocalTestbed:
         self._agents: dict[int, subprocess.Popen[bytes]] = {}
         self._kv: EtcdKV | None = None
         self._operator: LocalProcessOperator | None = None
+        self._etcd_faults: EtcdFaults | None = None
+        self._events = EventLog(self.run_dir / "testbed" / "events.jsonl", machine="testbed")
         self.tail = EventTail([self.event_file(m) for m in range(spec.machines)])
 
     def event_file(self, machine: int) -> Path:
@@ -178,8 +183,24 @@ class LocalTestbed:
             # The job's own etcd, as a real cluster would have one; gone with the job.
             # etcd's default timings: on a few busy cores, shorter election timeouts make the
             # leader flap while trainers start, and requests time out.
-            self._etcd = EtcdServer(EtcdServerConfig(heartbeat_ms=100, election_ms=1000)).start()
-            etcd = self._etcd.endpoint
+            self._etcd = EtcdServer(
+                EtcdServerConfig(members=self.spec.etcd_members, heartbeat_ms=100, election_ms=1000)
+            ).start()
+            etcd = ",".join(self._etcd.endpoints)
+            faults = resolve_faults(
+                [parse_fault(f) for f in self.spec.faults],
+                self.spec.machines,
+                self.spec.nproc_per_machine,
+                self.spec.fault_seed,
+            )
+            self._events.start()
+            self._etcd_faults = EtcdFaults(
+                self._etcd,
+                [f for f in faults if f.kind in ETCD_KINDS],
+                self.event_file(0),
+                self._events,
+            )
+            self._etcd_faults.start()
         self._etcd_endpoint = etcd
         for machine in range(self.spec.machines):
             self._launch(machine)
@@ -243,9 +264,14 @@ class LocalTestbed:
             time.sleep(0.1)
         return code
 
+    def event_files(self) -> list[Path]:
+        """Every events file of the run: each machine's and the test bed's own."""
+        machines = [self.event_file(m) for m in range(self.spec.machines)]
+        return [*machines, self.run_dir / "testbed" / "events.jsonl"]
+
     def summary(self) -> RunSummary:
         """The run's recovery summary, from all machines' events."""
-        return summarize(read_events([self.event_file(m) for m in range(self.spec.machines)]))
+        return summarize(read_events(self.event_files()))
 
     def agent_log(self, machine: int) -> str:
         """What machine `machine`'s agent printed."""
@@ -259,6 +285,10 @@ class LocalTestbed:
         if self._operator is not None:
             self._operator.close()
             self._operator = None
+        if self._etcd_faults is not None:
+            self._etcd_faults.close()
+            self._etcd_faults = None
+        self._events.close()
         for agent in self._agents.values():
             if agent.poll() is None:
                 os.killpg(agent.pid, signal.SIGTERM)
