@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "gemini_ckpt.cli.recommend_cmd",
     "gemini_ckpt.cli.placement_cmd",
     "gemini_ckpt.cli.etcd_cmd",
+    "gemini_ckpt.cli.status_cmd",
 )
 
 
