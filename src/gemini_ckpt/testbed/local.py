@@ -115,6 +115,7 @@ class LocalTestbed:
         self._kv: EtcdKV | None = None
         self._operator: LocalProcessOperator | None = None
         self._etcd_faults: EtcdFaults | None = None
+        self._replaced: list[dict[str, float | int]] = []
         self._events = EventLog(self.run_dir / "testbed" / "events.jsonl", machine="testbed")
         self.tail = EventTail([self.event_file(m) for m in range(spec.machines)])
 
@@ -244,8 +245,8 @@ class LocalTestbed:
 
     @property
     def replacements(self) -> list[dict[str, float | int]]:
-        """Machines the operator replaced, with timestamps."""
-        return list(self._operator.replacements) if self._operator else []
+        """Machines the operator replaced, with timestamps (also after `close()`)."""
+        return list(self._operator.replacements) if self._operator else list(self._replaced)
 
     def poll(self) -> int | None:
         """None while agents run; their worst exit code once all have ended."""
@@ -284,6 +285,7 @@ class LocalTestbed:
         """Stop agents still running (SIGTERM, then SIGKILL) and free the job's shared memory."""
         if self._operator is not None:
             self._operator.close()
+            self._replaced = list(self._operator.replacements)
             self._operator = None
         if self._etcd_faults is not None:
             self._etcd_faults.close()
