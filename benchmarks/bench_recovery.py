@@ -35,7 +35,10 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -209,6 +212,19 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def import_seconds(processes: int) -> float:
+    """Wall time for `processes` fresh interpreters started together to import torch.distributed.
+
+    What every restarted trainer pays before it can rendezvous, on the same cores.
+    """
+    start = time.perf_counter()
+    command = [sys.executable, "-c", "import torch.distributed"]
+    children = [subprocess.Popen(command) for _ in range(processes)]
+    if any(child.wait() != 0 for child in children):
+        raise RuntimeError("python -c 'import torch.distributed' failed")
+    return time.perf_counter() - start
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(
@@ -224,6 +240,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--persist-every", type=int, default=4, help="machine failure only")
     p.add_argument("--member-ttl", type=int, default=2, help="lease TTL in seconds")
+    p.add_argument(
+        "--import-repeats",
+        type=int,
+        default=3,
+        help="times to measure a bare torch import, for reference (0: skip)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="per job, seconds")
     p.add_argument("--work-dir", default="", help="keep run directories here")
     p.add_argument("--out", default="bench-results/recovery.json")
@@ -245,6 +267,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs.append(run_once(scenario, args, work / f"{scenario}-{i}"))
             print(f"{scenario} run {i + 1}/{args.repeats}: {_brief(runs[-1])}", flush=True)
         results[scenario] = {"runs": runs, "summary": summarize(runs)}
+    world = args.machines * args.nproc_per_machine
+    reference = {}
+    for n in sorted({1, world}) if args.import_repeats else ():
+        samples = [import_seconds(n) for _ in range(args.import_repeats)]
+        reference[f"import_torch_{n}_processes_s"] = {
+            "min": min(samples),
+            "median": statistics.median(samples),
+        }
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     report = {
@@ -257,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
         "phases": {name: list(span) for name, span in PHASES.items()},
         "results": results,
+        "reference": reference,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,8 +302,19 @@ def _brief(run: dict[str, Any]) -> str:
     return f"{', '.join(parts)} s; restored step {run['milestones']['restored_step']}"
 
 
+_TOTALS = {"total": "**failure -> first step**", "state_load_per_rank": "(state load, per rank)"}
+
+
+def _label(name: str) -> str:
+    if name in _TOTALS:
+        return _TOTALS[name]
+    start, end = PHASES[name]
+    start = "replaced or decided" if name == "plan" else start
+    return f"{name.replace('_', ' ')}: {start} -> {end.replace('_', ' ')}"
+
+
 def table(report: dict[str, Any]) -> list[str]:
-    """Markdown table: median (min) seconds per phase and scenario."""
+    """Markdown table: median (min) seconds per phase and scenario, then sources and reference."""
     scenarios = list(report["results"])
     lines = [
         "| phase | " + " | ".join(f"{SCENARIOS[s]}: median (min) s" for s in scenarios) + " |",
@@ -283,15 +325,17 @@ def table(report: dict[str, Any]) -> list[str]:
         for s in scenarios:
             stats = report["results"][s]["summary"].get(name)
             cells.append(f"{stats['median']:.3f} ({stats['min']:.3f})" if stats else "-")
-        label = {
-            "total": "**failure -> first step**",
-            "state_load_per_rank": "(state load, per rank)",
-        }
-        lines.append(f"| {label.get(name, name.replace('_', ' '))} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
+    lines.append("")
     for s in scenarios:
         sources = report["results"][s]["summary"]["sources"]
         described = ", ".join(f"rank {r}: {'/'.join(v)}" for r, v in sources.items())
-        lines.append(f"\n{SCENARIOS[s]}: restored from {described}")
+        lines.append(f"* {SCENARIOS[s]}: restored from {described}")
+    for key, stats in report["reference"].items():
+        lines.append(
+            f"* {key.split('_')[2]} fresh Python process(es) importing torch.distributed at once: "
+            f"{stats['median']:.3f} ({stats['min']:.3f}) s"
+        )
     return lines
 
 

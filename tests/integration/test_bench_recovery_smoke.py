@@ -20,9 +20,9 @@ pytestmark = [
 TINY = ["--repeats", "1", "--steps", "7", "--fail-at", "4", "--d-model", "32", "--layers", "1"]
 
 
-def run_bench(tmp_path: Path, scenario: str) -> tuple[dict, dict]:
+def run_bench(tmp_path: Path, scenario: str, *extra: str) -> tuple[dict, dict]:
     out = tmp_path / "recovery.json"
-    argv = [*TINY, "--scenarios", scenario, "--persist-every", "2", "--member-ttl", "2"]
+    argv = [*TINY, "--scenarios", scenario, "--persist-every", "2", "--member-ttl", "2", *extra]
     report = bench_recovery.main([*argv, "--work-dir", str(tmp_path / "work"), "--out", str(out)])
     assert json.loads(out.read_text()) == report
     assert list(report["results"]) == [scenario]
@@ -45,7 +45,7 @@ def check_phases(report: dict, run: dict, scenario: str, expected: list[str]) ->
 
 
 def test_software_failure_breakdown(tmp_path):
-    report, run = run_bench(tmp_path, "software")
+    report, run = run_bench(tmp_path, "software", "--import-repeats", "1")
     phases = ["detect", "decide", "plan", "spawn", "load", "first_step"]
     check_phases(report, run, "software", phases)
     marks = run["milestones"]
@@ -56,10 +56,13 @@ def test_software_failure_breakdown(tmp_path):
     )
     assert marks["sources"] == dict.fromkeys("0123", "local memory")
     assert run["fault"] == "kill-worker@step=4,rank=3"
+    reference = report["reference"]
+    assert list(reference) == ["import_torch_1_processes_s", "import_torch_4_processes_s"]
+    assert all(0 < r["min"] <= r["median"] for r in reference.values())
 
 
 def test_machine_failure_breakdown(tmp_path):
-    report, run = run_bench(tmp_path, "machine")
+    report, run = run_bench(tmp_path, "machine", "--import-repeats", "0")
     phases = ["detect", "decide", "replace", "plan", "spawn", "load", "first_step"]
     check_phases(report, run, "machine", phases)
     marks = run["milestones"]
@@ -69,3 +72,4 @@ def test_machine_failure_breakdown(tmp_path):
     assert (marks["sources"]["2"], marks["sources"]["3"]) == ("persistent tier",) * 2
     assert set(marks["operator"]) == {"started_at", "replaced_at"}
     assert run["fault"] == "kill-machine@step=4,machine=1"
+    assert report["reference"] == {}
