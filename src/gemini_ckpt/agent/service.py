@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gemini_ckpt.agent.fault_injector import FaultInjector
+from gemini_ckpt.agent.step_reports import StepReporter
 from gemini_ckpt.config import AgentConfig
 from gemini_ckpt.coordination.job import JobCoordinator
 from gemini_ckpt.errors import (
-    CoordinationError,
     CoordinationUnavailableError,
     ProtocolError,
     RecoveryError,
@@ -78,11 +78,7 @@ class TrainerService:
         self._generation = -1
         self._plan: RestorePlan | None = None
         self._stopping: str | None = None
-        self._unreported: list[tuple[int, int, str]] = []
-        self._report_lock = threading.Lock()
-        self._report_wanted = threading.Event()
-        self._closed = threading.Event()
-        self._reporter: threading.Thread | None = None
+        self._steps = StepReporter(coordinator)
         self._etcd_quiet_until = 0.0
         self._handlers: dict[str, Callable[[Request, Connection], dict[str, Any]]] = {
             "hello": self._hello,
@@ -194,7 +190,7 @@ class TrainerService:
             settled = self._settle(conn, grant.keep)
             if settled is None:
                 # etcd cannot say right now: skip this save rather than stop training on etcd.
-                self._queue_report(conn.generation, step, "skipped")
+                self._steps.queue(conn.generation, step, "skipped")
                 return {"skip": True, "reason": f"etcd unavailable to settle step {grant.keep}"}
             if settled == "skipped":
                 # Some rank skipped the newest step: give it up and keep the older, complete one.
@@ -272,60 +268,16 @@ class TrainerService:
             return None
 
     def _report_committed(self, generation: int, step: int) -> None:
-        """Count `step` as committed on this machine in etcd, from the reporter thread.
-
-        A commit never waits for etcd.
-        """
-        self._queue_report(generation, step, "committed")
-
-    def _queue_report(self, generation: int, step: int, kind: str) -> None:
-        with self._lock:
-            self._unreported.append((generation, step, kind))
-        self._report_wanted.set()
+        """Count `step` as committed on this machine in etcd (a commit never waits for etcd)."""
+        self._steps.queue(generation, step, "committed")
 
     def start(self) -> None:
-        """Start the thread that sends step counts to etcd."""
-        self._reporter = threading.Thread(
-            target=self._report_loop, name="gemini-report", daemon=True
-        )
-        self._reporter.start()
+        """Start sending step counts to etcd."""
+        self._steps.start()
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the reporter thread (counts not sent by then are dropped: the job is over)."""
-        self._closed.set()
-        self._report_wanted.set()
-        if self._reporter is not None:
-            self._reporter.join(timeout_s)
-
-    def _report_loop(self) -> None:
-        while not self._closed.is_set():
-            self._report_wanted.wait(0.5)
-            self._report_wanted.clear()
-            self.flush_reports()
-
-    def flush_reports(self) -> None:
-        """Send the step counts etcd missed while it was away, oldest first.
-
-        The agent calls this from its supervision loop too.
-        """
-        with self._report_lock:
-            while True:
-                with self._lock:
-                    if not self._unreported:
-                        return
-                    generation, step, kind = self._unreported[0]
-                try:
-                    if kind == "skipped":
-                        self._coordinator.report_skipped(generation, step)
-                    else:
-                        self._coordinator.report_committed(generation, step)
-                except CoordinationError as e:
-                    log.warning(
-                        "etcd did not take step %d of generation %d yet: %s", step, generation, e
-                    )
-                    return
-                with self._lock:
-                    self._unreported.pop(0)
+    def close(self) -> None:
+        """Stop sending step counts."""
+        self._steps.close()
 
     def _abort(self, request: Request, conn: Connection) -> dict[str, Any]:
         if self._store.abort_write(request["rank"], request["step"]):
