@@ -150,8 +150,9 @@ class AgentConfig:
     tee: bool = False
     faults: tuple[Any, ...] = ()
     """`ResolvedFault`s whose rank lives on this machine."""
-    persist_dir: Path | None = None
-    """Root of the persistent tier (shared by all machines of the job); None: no persistent tier."""
+    persist_dir: Path | str | None = None
+    """Root of the persistent tier (shared by all machines of the job): a directory or an fsspec
+    URL; None: no persistent tier."""
     persist_every_steps: int = 0
     persist_every_s: float = 0.0
     persist_keep: int = 2

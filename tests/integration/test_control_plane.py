@@ -93,7 +93,8 @@ def test_lost_machine_is_replaced_and_the_job_resumes_from_the_persisted_step(tm
 def test_losing_the_roots_machine_elects_a_new_root_that_completes_the_recovery(
     tmp_path, reference
 ):
-    bed = run_job(tmp_path, ("kill-root@step=10",))
+    # The persistent tier at a URL: restores here go through fsspec, the path s3:// etc. take.
+    bed = run_job(tmp_path, ("kill-root@step=10",), persist_dir=f"file://{tmp_path}/ckpt")
     events = records(bed)
     (fault,) = [e for e in events if e["event"] == ev.FAULT_INJECTED]
     assert fault["root"] is True
@@ -105,6 +106,7 @@ def test_losing_the_roots_machine_elects_a_new_root_that_completes_the_recovery(
     assert recovery.kind == "machine failure"
     assert recovery.restored_step == 8
     assert [r["machine"] for r in bed.replacements] == [lost]
+    assert {recovery.sources[r] for r in (2 * lost, 2 * lost + 1)} == {PERSISTENT_TIER}
     assert final_state.compare_dirs(reference, tmp_path / "final", WORLD) == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_a_corrupt_persisted_copy_is_set_aside(tmp_path):
     persistent = PersistentStore(tmp_path / "ckpt", "job", keep=2)
     with EmbeddedAgent(run_dir=tmp_path / "a") as old:
         train_and_persist(old, persistent, 6)
-    data = persistent.step_dir(6) / "rank-0.safetensors"
+    data = Path(persistent.step_dir(6)) / "rank-0.safetensors"
     with data.open("r+b") as f:
         f.seek(-64, 2)
         f.write(b"\xff" * 8)
@@ -95,7 +96,7 @@ def test_a_corrupt_persisted_copy_is_set_aside(tmp_path):
             copier.close()
         assert new.store.inventory() == {0: []}
     assert persistent.inventory() == {0: [3]}
-    assert (persistent.step_dir(6) / "rank-0.manifest.json.corrupt").exists()
+    assert (Path(persistent.step_dir(6)) / "rank-0.manifest.json.corrupt").exists()
 
 
 def test_a_persisted_state_equals_the_trained_one(tmp_path):
@@ -104,5 +105,5 @@ def test_a_persisted_state_equals_the_trained_one(tmp_path):
         model, _ = train_and_persist(agent, persistent, 3)
     from safetensors.torch import load_file
 
-    tensors = load_file(str(persistent.step_dir(3) / "rank-0.safetensors"))
+    tensors = load_file(str(Path(persistent.step_dir(3)) / "rank-0.safetensors"))
     assert_same({k: tensors[f"model.{k}"] for k in model.state_dict()}, model.state_dict())

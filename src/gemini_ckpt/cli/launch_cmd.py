@@ -25,6 +25,7 @@ from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.faults import parse_fault, resolve_faults
 from gemini_ckpt.observability.events import EventLog
+from gemini_ckpt.store.files import parse_location
 
 
 def env_or(name: str, fallback: str) -> str:
@@ -105,7 +106,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--persist-dir",
         default=_env("PERSIST_DIR", ""),
-        help="persistent tier: a directory every machine of the job can reach",
+        help="persistent tier: a directory every machine of the job can reach, or an fsspec URL "
+        "(s3://bucket/prefix, gs://..., file:///mnt/ckpt; the URL's fsspec package installed)",
     )
     parser.add_argument(
         "--persist-every",
@@ -215,7 +217,7 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
         snapshot_mode=args.snapshot_mode,
         stop_grace_s=args.stop_grace,
         tee=args.tee,
-        persist_dir=Path(args.persist_dir) if args.persist_dir else None,
+        persist_dir=parse_location(args.persist_dir),
         persist_every_steps=args.persist_every,
         persist_every_s=args.persist_interval,
         persist_keep=args.persist_keep,

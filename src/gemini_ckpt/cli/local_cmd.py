@@ -12,6 +12,7 @@ from gemini_ckpt.cli.launch_cmd import add_common_options
 from gemini_ckpt.cli.launch_cmd import env_or as env
 from gemini_ckpt.cli.progress import event_line, summary_lines
 from gemini_ckpt.observability.summary import RunSummary
+from gemini_ckpt.store.files import parse_location
 from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
 
 TIMED_OUT = 124
@@ -78,7 +79,7 @@ def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
         "stop_grace_s": args.stop_grace,
         "tee": args.tee,
         "run_dir": Path(args.run_dir) if args.run_dir else None,
-        "persist_dir": Path(args.persist_dir) if args.persist_dir else None,
+        "persist_dir": parse_location(args.persist_dir),
         "persist_every": args.persist_every,
         "persist_interval_s": args.persist_interval,
         "hang_timeout_s": args.hang_timeout,

@@ -1,28 +1,27 @@
 """The persistent tier: complete checkpoints written to a directory, readable by standard tools.
 
-Layout: `<root>/<job>/step-<S>/rank-<r>.safetensors` plus `rank-<r>.manifest.json`. The data
-file is a valid safetensors file whose byte section is the rank's data region verbatim (tensors
-named by their place in the training state, alignment gaps as `__pad__` tensors), so
-`safetensors.torch.load_file` reads it and the manifest's chunk checksums still apply. The manifest
-(JSON, never pickle) holds the full state skeleton. Writes go to a temporary name, are fsynced and
-renamed, manifest last: a rank's copy of a step exists exactly when its manifest does.
+Layout: `<location>/<job>/step-<S>/rank-<r>.safetensors` plus `rank-<r>.manifest.json`, where the
+location is a directory or an fsspec URL. The data file is a valid safetensors file whose byte
+section is the rank's data region verbatim (tensors named by their place in the training state,
+alignment gaps as `__pad__` tensors), so `safetensors.torch.load_file` reads it and the manifest's
+chunk checksums still apply. The manifest (JSON, never pickle) holds the full state skeleton. It is
+written last, through a temporary name (fsynced where the backend can): a rank's copy of a step
+exists exactly when its manifest does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
-import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from gemini_ckpt.errors import CorruptCheckpointError, StoreError
 from gemini_ckpt.protocol.manifest import Manifest
+from gemini_ckpt.store.files import open_files
 
 log = logging.getLogger(__name__)
 
@@ -124,42 +123,47 @@ def safetensors_header(manifest: Manifest) -> bytes:
 
 
 class PersistentStore:
-    """Complete checkpoints of one job under `root`; safe for one writer per rank.
+    """Complete checkpoints of one job under `location`; safe for one writer per rank.
 
-    Methods raise `StoreError` for I/O failures and `CorruptCheckpointError` for copies that fail
-    verification. Nothing here unpickles anything.
+    `location` is a directory or an fsspec URL (`s3://bucket/prefix`, `file:///mnt/ckpt`, ...;
+    `store.files`). Methods raise `StoreError` for I/O failures and `CorruptCheckpointError` for
+    copies that fail verification. Nothing here unpickles anything.
     """
 
-    def __init__(self, root: Path, job: str, keep: int = 2) -> None:
+    def __init__(self, location: str | Path, job: str, keep: int = 2) -> None:
         if keep < 1:
             raise StoreError(f"the persistent tier must keep at least 1 step, got keep={keep}")
-        self.directory = root / job
+        self._files = open_files(location)
+        self.directory = self._files.join(self._files.root, job)
+        self.location = f"{str(location).rstrip('/')}/{job}"
         self.keep = keep
 
-    def step_dir(self, step: int) -> Path:
-        """The directory of `step`."""
-        return self.directory / f"step-{step:012d}"
+    def step_dir(self, step: int) -> str:
+        """Where `step` lives, in the backend's path syntax."""
+        return self._files.join(self.directory, f"step-{step:012d}")
 
-    def write(self, manifest: Manifest, data: memoryview) -> Path:
-        """Write one rank's copy of a step: data file, fsync, rename, then the manifest likewise.
+    def write(self, manifest: Manifest, data: memoryview) -> str:
+        """Write one rank's copy of a step: the data file, then the manifest.
 
         `data` is the rank's data region (at least `manifest.data_nbytes` bytes).
         """
+        files = self._files
         directory = self.step_dir(manifest.step)
-        final = directory / f"rank-{manifest.rank}.safetensors"
+        final = files.join(directory, f"rank-{manifest.rank}.safetensors")
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with _atomic(final) as f:
+            files.makedirs(directory)
+            with files.open_write(final, atomic=False) as f:
                 f.write(safetensors_header(manifest))
                 for start in range(0, manifest.data_nbytes, _COPY_BLOCK):
                     f.write(data[start : min(start + _COPY_BLOCK, manifest.data_nbytes)])
             # Ordering: the manifest appears only after the data file is durable under its name.
-            with _atomic(directory / f"rank-{manifest.rank}.manifest.json") as f:
+            manifest_path = files.join(directory, f"rank-{manifest.rank}.manifest.json")
+            with files.open_write(manifest_path, atomic=True) as f:
                 f.write(manifest.to_json().encode("utf-8"))
-            _fsync_dir(directory)
-        except OSError as e:
+            files.sync_dir(directory)
+        except files.errors as e:
             raise StoreError(
-                f"cannot persist rank {manifest.rank} step {manifest.step} to {directory}: {e}"
+                f"cannot persist rank {manifest.rank} step {manifest.step} to {self.location}: {e}"
             ) from e
         return final
 
@@ -167,7 +171,7 @@ class PersistentStore:
         """Ranks -> steps with a complete copy (manifest present), oldest first."""
         held: dict[int, list[int]] = {}
         for step, directory in self._step_dirs():
-            for name in sorted(os.listdir(directory)):
+            for name in sorted(self._listdir(directory)):
                 match = _MANIFEST.match(name)
                 if match:
                     held.setdefault(int(match.group(1)), []).append(step)
@@ -180,13 +184,17 @@ class PersistentStore:
             StoreError: there is no such copy.
             CorruptCheckpointError: the manifest is malformed or belongs to another rank or step.
         """
-        path = self.step_dir(step) / f"rank-{rank}.manifest.json"
+        path = self._files.join(self.step_dir(step), f"rank-{rank}.manifest.json")
         try:
-            manifest = Manifest.from_json(path.read_bytes())
+            with self._files.open_read(path) as f:
+                text = f.read()
         except FileNotFoundError as e:
             raise StoreError(
-                f"no persisted copy of rank {rank} step {step} in {self.directory}"
+                f"no persisted copy of rank {rank} step {step} in {self.location}"
             ) from e
+        except self._files.errors as e:
+            raise StoreError(f"cannot read {path}: {e}") from e
+        manifest = Manifest.from_json(text)
         if (manifest.rank, manifest.step) != (rank, step):
             raise CorruptCheckpointError(
                 f"{path} holds rank {manifest.rank} step {manifest.step}, "
@@ -209,15 +217,18 @@ class PersistentStore:
                 f"{len(dest)} bytes cannot hold {manifest.data_nbytes} bytes of "
                 f"rank {rank} step {step}"
             )
-        path = self.step_dir(step) / f"rank-{rank}.safetensors"
+        path = self._files.join(self.step_dir(step), f"rank-{rank}.safetensors")
         header = safetensors_header(manifest)
         try:
-            with path.open("rb") as f:
-                if f.read(len(header)) != header:
-                    raise CorruptCheckpointError(f"{path}: header does not match its manifest")
-                got = f.readinto(dest[: manifest.data_nbytes])
-        except OSError as e:
+            with self._files.open_read(path) as f:
+                got_header = f.read(len(header))
+                got = _read_fully(f, dest[: manifest.data_nbytes]) if got_header == header else 0
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"{path} is missing although its manifest exists") from e
+        except self._files.errors as e:
             raise StoreError(f"cannot read {path}: {e}") from e
+        if got_header != header:
+            raise CorruptCheckpointError(f"{path}: header does not match its manifest")
         if got != manifest.data_nbytes:
             raise CorruptCheckpointError(
                 f"{path} is truncated: {got} of {manifest.data_nbytes} data bytes"
@@ -226,14 +237,19 @@ class PersistentStore:
 
     def mark_bad(self, rank: int, step: int) -> None:
         """Set aside `rank`'s copy of `step` after it failed verification (kept for inspection)."""
-        path = self.step_dir(step) / f"rank-{rank}.manifest.json"
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(path, path.with_name(path.name + ".corrupt"))
+        path = self._files.join(self.step_dir(step), f"rank-{rank}.manifest.json")
+        try:
+            self._files.rename(path, path + ".corrupt")
+        except FileNotFoundError:
+            pass
+        except self._files.errors as e:
+            log.error("cannot set aside %s: %s", path, e)
         log.error(
-            "persisted rank %d step %d failed verification; set aside as %s.corrupt",
+            "persisted rank %d step %d failed verification; set aside as rank-%d.manifest.json"
+            ".corrupt",
             rank,
             step,
-            path.name,
+            rank,
         )
 
     def collect(self) -> list[int]:
@@ -250,35 +266,34 @@ class PersistentStore:
         oldest_kept = complete[-self.keep]
         doomed = [step for step, _ in self._step_dirs() if step < oldest_kept]
         for step in doomed:
-            shutil.rmtree(self.step_dir(step), ignore_errors=True)
+            try:
+                self._files.remove_tree(self.step_dir(step))
+            except self._files.errors as e:
+                raise StoreError(f"cannot delete persisted step {step}: {e}") from e
         return doomed
 
-    def _step_dirs(self) -> list[tuple[int, Path]]:
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return []
-        found = [(int(m.group(1)), self.directory / n) for n in names if (m := _STEP_DIR.match(n))]
+    def _step_dirs(self) -> list[tuple[int, str]]:
+        names = self._listdir(self.directory)
+        found = [
+            (int(m.group(1)), self._files.join(self.directory, n))
+            for n in names
+            if (m := _STEP_DIR.match(n))
+        ]
         return sorted(found)
 
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[BinaryIO]:
-    """Write `path` through a temporary file: fsync, then rename into place on success."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def _listdir(self, path: str) -> list[str]:
+        try:
+            return self._files.listdir(path)
+        except self._files.errors as e:
+            raise StoreError(f"cannot list {path}: {e}") from e
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _read_fully(f: IO[bytes], dest: memoryview) -> int:
+    """Fill `dest` from `f` (readinto may return short counts on remote files); bytes read."""
+    got = 0
+    while got < len(dest):
+        n = f.readinto(dest[got : got + _COPY_BLOCK])  # type: ignore[attr-defined]
+        if not n:
+            break
+        got += n
+    return got

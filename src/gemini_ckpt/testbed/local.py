@@ -50,7 +50,7 @@ class LocalSpec:
     tee: bool = False
     run_dir: Path | None = None
     job_id: str = ""
-    persist_dir: Path | None = None
+    persist_dir: Path | str | None = None
     persist_every: int = 0
     persist_interval_s: float = 0.0
     hang_timeout_s: float = 600.0
