@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -86,6 +87,15 @@ def test_restore_continues_bit_identically(agent: EmbeddedAgent, mode: str):
     run_steps(ckpt, fresh, 6, 9)
     ckpt.close()
     assert_same(full_state(*fresh), expected)
+    # This machine's part of the recovery timeline (sent by the reporter thread).
+    deadline = time.monotonic() + 5
+    while "first_step_at" not in agent.timeline.get(1, {}) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    part = agent.timeline[1]
+    assert part["first_step"] == 7
+    assert part["restored_at"] <= part["first_step_at"]
+    assert part["restore_s"] > 0
+    assert 0 not in agent.timeline  # the job's start is not a recovery
 
 
 def test_buffers_are_captured_at_save_time_and_parameters_are_not_copied_early():

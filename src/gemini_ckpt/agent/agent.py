@@ -21,7 +21,7 @@ from gemini_ckpt.agent.persister import Persister, PersistPolicy
 from gemini_ckpt.agent.reporting import StatusReporter
 from gemini_ckpt.agent.root import RootRole
 from gemini_ckpt.agent.server import ControlServer
-from gemini_ckpt.agent.service import Connection, TrainerService
+from gemini_ckpt.agent.service import Connection, ServiceHooks, TrainerService
 from gemini_ckpt.agent.staging import stage_plan
 from gemini_ckpt.agent.workers import GroupState, Rendezvous, WorkerExit, WorkerGroup
 from gemini_ckpt.config import AgentConfig
@@ -86,7 +86,15 @@ class MachineAgent:
             ),
         )
         self._service = TrainerService(
-            config, self._store, self._coordinator, self._injector, event_log, on_step=self._on_step
+            config,
+            self._store,
+            self._coordinator,
+            self._injector,
+            event_log,
+            ServiceHooks(
+                on_step=self._on_step,
+                timeline=lambda g, fields: self._plane.record_timeline(g, config.machine, fields),
+            ),
         )
         self._server = ControlServer(
             config.socket_path, self._service.handle, Connection, self._service.disconnected

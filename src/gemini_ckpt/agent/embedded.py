@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from gemini_ckpt.agent.fault_injector import FaultInjector
 from gemini_ckpt.agent.server import ControlServer
-from gemini_ckpt.agent.service import Connection, TrainerService
+from gemini_ckpt.agent.service import Connection, ServiceHooks, TrainerService
 from gemini_ckpt.config import AgentConfig, TrainerConfig, shm_root
 from gemini_ckpt.coordination.job import JobCoordinator
 from gemini_ckpt.coordination.kv import MemoryKV
@@ -57,7 +58,11 @@ class EmbeddedAgent:
             self.coordinator,
             FaultInjector(faults, self.events),
             self.events,
+            ServiceHooks(timeline=self._record_timeline),
         )
+        self.timeline: dict[int, dict[str, Any]] = {}
+        """This machine's part of each generation's recovery timeline (etcd's copy, for a real
+        agent)."""
         self.server = ControlServer(
             self.config.socket_path, self.service.handle, Connection, self.service.disconnected
         )
@@ -83,6 +88,9 @@ class EmbeddedAgent:
         self.coordinator.publish_plan(self.generation, plan.to_dict(), {})
         self.service.open_generation(self.generation, plan)
         return plan
+
+    def _record_timeline(self, generation: int, fields: dict[str, Any]) -> None:
+        self.timeline[generation] = {**self.timeline.get(generation, {}), **fields}
 
     def trainer_config(self, rank: int = 0, **overrides: object) -> TrainerConfig:
         """The configuration a trainer of `rank` would get from this agent."""

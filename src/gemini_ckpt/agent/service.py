@@ -52,6 +52,19 @@ class _Progress:
     reported: int | None = None
     at: float = field(default_factory=time.monotonic)
     timings: dict[int, dict[int, Any]] = field(default_factory=dict)
+    timings_seen: bool = False
+    """Whether this generation completed a step on this machine yet (its timeline's last mark)."""
+
+
+@dataclass(frozen=True)
+class ServiceHooks:
+    """What the agent wants to hear from the service as trainers report."""
+
+    on_step: Callable[[int], None] | None = None
+    """Every rank of this machine committed this step."""
+    timeline: Callable[[int, dict[str, Any]], None] | None = None
+    """Add fields to this machine's part of a generation's recovery timeline (may block on etcd;
+    called from a reporter thread, never from a trainer's request)."""
 
 
 class TrainerService:
@@ -64,9 +77,10 @@ class TrainerService:
         coordinator: JobCoordinator,
         injector: FaultInjector,
         event_log: EventLog,
-        on_step: Callable[[int], None] | None = None,
+        hooks: ServiceHooks | None = None,
     ) -> None:
-        self._on_step = on_step
+        hooks = hooks or ServiceHooks()
+        self._on_step = hooks.on_step
         self._config = config
         self._store = store
         self._coordinator = coordinator
@@ -78,7 +92,8 @@ class TrainerService:
         self._generation = -1
         self._plan: RestorePlan | None = None
         self._stopping: str | None = None
-        self._steps = StepReporter(coordinator)
+        self._steps = StepReporter(coordinator, hooks.timeline)
+        self._restored_ranks: dict[int, float] = {}
         self._etcd_quiet_until = 0.0
         self._handlers: dict[str, Callable[[Request, Connection], dict[str, Any]]] = {
             "hello": self._hello,
@@ -100,6 +115,7 @@ class TrainerService:
         with self._lock:
             self._generation, self._plan, self._stopping = generation, plan, None
             self._pids.clear()
+            self._restored_ranks.clear()
             self._progress = _Progress(reported=plan.step)
 
     def close_generation(self, reason: str) -> None:
@@ -230,11 +246,17 @@ class TrainerService:
                 return
             self._progress.reported = floor
             self._progress.at = time.monotonic()
+            first_in_generation = not self._progress.timings_seen
+            self._progress.timings_seen = True
             timings = self._progress.timings.pop(floor, {})
             for old in [s for s in self._progress.timings if s < floor]:
                 del self._progress.timings[old]
             generation = self._generation
         self._report_committed(generation, floor)
+        if first_in_generation and generation > 0:
+            self._steps.queue_timeline(
+                generation, {"first_step_at": time.time(), "first_step": floor}
+            )
         if self._on_step is not None:
             self._on_step(floor)
         first = min(timings) if timings else None
@@ -312,6 +334,15 @@ class TrainerService:
         with self._lock:
             plan = self._plan
         source = plan.sources.get(request["rank"], "?") if plan else "?"
+        with self._lock:
+            self._restored_ranks[request["rank"]] = request["seconds"]
+            done = len(self._restored_ranks) == len(self._config.ranks)
+            generation = self._generation
+            slowest = max(self._restored_ranks.values())
+        if done and generation > 0:
+            self._steps.queue_timeline(
+                generation, {"restored_at": time.time(), "restore_s": slowest}
+            )
         self._events.emit(
             events.RESTORED,
             generation=self._generation,

@@ -1,13 +1,16 @@
 """Counting committed (and skipped) steps in etcd, from a thread of its own.
 
 A trainer's commit never waits for etcd: the count is queued here and sent by the reporter
-thread, in order, as soon as etcd takes it, also after etcd was away for a while.
+thread, in order, as soon as etcd takes it, also after etcd was away for a while. The machine's
+part of a recovery timeline (restored, first step) travels the same way, for the same reason.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from gemini_ckpt.coordination.job import JobCoordinator
 from gemini_ckpt.errors import CoordinationError
@@ -18,9 +21,14 @@ log = logging.getLogger(__name__)
 class StepReporter:
     """`start()`, `queue(...)` from any thread, `close()`."""
 
-    def __init__(self, coordinator: JobCoordinator) -> None:
+    def __init__(
+        self,
+        coordinator: JobCoordinator,
+        timeline: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> None:
         self._coordinator = coordinator
-        self._pending: list[tuple[int, int, str]] = []
+        self._timeline = timeline
+        self._pending: list[tuple[str, Callable[[], None]]] = []
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
         self._wanted = threading.Event()
@@ -41,8 +49,21 @@ class StepReporter:
 
     def queue(self, generation: int, step: int, kind: str) -> None:
         """Count `step` of `generation` as "committed" or "skipped" on this machine."""
+        if kind == "skipped":
+            send = lambda: self._coordinator.report_skipped(generation, step)  # noqa: E731
+        else:
+            send = lambda: self._coordinator.report_committed(generation, step)  # noqa: E731
+        self._add(f"step {step} of generation {generation}", send)
+
+    def queue_timeline(self, generation: int, fields: dict[str, Any]) -> None:
+        """Add `fields` to this machine's part of `generation`'s recovery timeline."""
+        if self._timeline is not None:
+            timeline = self._timeline
+            self._add(f"timeline of generation {generation}", lambda: timeline(generation, fields))
+
+    def _add(self, what: str, send: Callable[[], None]) -> None:
         with self._lock:
-            self._pending.append((generation, step, kind))
+            self._pending.append((what, send))
         self._wanted.set()
 
     def flush(self) -> None:
@@ -52,16 +73,11 @@ class StepReporter:
                 with self._lock:
                     if not self._pending:
                         return
-                    generation, step, kind = self._pending[0]
+                    what, send = self._pending[0]
                 try:
-                    if kind == "skipped":
-                        self._coordinator.report_skipped(generation, step)
-                    else:
-                        self._coordinator.report_committed(generation, step)
+                    send()
                 except CoordinationError as e:
-                    log.warning(
-                        "etcd did not take step %d of generation %d yet: %s", step, generation, e
-                    )
+                    log.warning("etcd did not take %s yet: %s", what, e)
                     return
                 with self._lock:
                     self._pending.pop(0)
