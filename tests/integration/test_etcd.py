@@ -15,10 +15,12 @@ import pytest
 
 from gemini_ckpt.config import EtcdClientConfig
 from gemini_ckpt.coordination import etcd_server
+from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.coordination.control_kv import Compare, Get, Put
 from gemini_ckpt.coordination.election import Election, fenced_txn
 from gemini_ckpt.coordination.etcd_kv import EtcdKV
 from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
+from gemini_ckpt.coordination.job import JobCoordinator
 from gemini_ckpt.coordination.lease import LeaseKeeper
 from gemini_ckpt.coordination.watch import EventQueue
 from gemini_ckpt.errors import EtcdServerError, NotLeaderError
@@ -160,6 +162,28 @@ def test_a_stale_leader_cannot_write(kv):
         result = fenced_txn(kv, new, [Put("plan/1", b"by m1"), Get("plan/1")])
         assert result.reads[0].value == b"by m1"
         assert fresh.leader().candidate == "m1"
+
+
+def test_a_stale_root_cannot_publish_a_plan_or_open_a_generation(kv):
+    plane = ControlPlane(kv, "job", machines=2)
+    coordinator = JobCoordinator(kv, "job", machines=2)
+    old_lease, new_lease = kv.grant_lease(1), kv.grant_lease(5)
+    plane.join(0, old_lease.id, {})
+    old = Election(kv, plane.leader_key, "m0").campaign(old_lease.id, timeout_s=2)
+    assert old is not None
+    # Machine 0's agent stalls past its TTL but its process lives on; machine 1 becomes root.
+    with LeaseKeeper(kv, new_lease):
+        new = Election(kv, plane.leader_key, "m1", poll_s=0.1).campaign(new_lease.id, timeout_s=5)
+        assert new is not None
+        with pytest.raises(NotLeaderError):
+            plane.publish_plan(old, 0, {"step": 7, "generation": 0}, {"addr": "x", "port": 1})
+        with pytest.raises(NotLeaderError):
+            plane.advance_generation(old, 0, {"kind": "software failure"}, replace=(1,))
+        assert not coordinator.has_plan(0)
+        assert coordinator.generation() == 0
+        assert plane.replacement_requests() == {}
+        assert plane.publish_plan(new, 0, {"step": 3, "generation": 0}, {"addr": "x", "port": 2})
+        assert coordinator.has_plan(0)
 
 
 def test_children_started_while_streams_run_do_not_disturb_them(kv):
