@@ -60,6 +60,10 @@ class RecoveryError(GeminiError):
     """No consistent state to resume from could be found, or the restart limit was reached."""
 
 
+class ExportError(GeminiError):
+    """A persisted step is missing or incomplete, or its export cannot be written."""
+
+
 class PlacementError(GeminiError):
     """A checkpoint placement cannot be built or is inconsistent (for example m > N)."""
 

@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "gemini_ckpt.cli.placement_cmd",
     "gemini_ckpt.cli.etcd_cmd",
     "gemini_ckpt.cli.status_cmd",
+    "gemini_ckpt.cli.export_cmd",
 )
 
 

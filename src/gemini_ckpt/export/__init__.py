@@ -1,0 +1,1 @@
+"""Exporting persisted checkpoints to torch.distributed.checkpoint, which standard tools read."""
