@@ -94,11 +94,16 @@ def test_status_of_a_job_while_it_runs_and_after_it_ended(tmp_path, capsys):
             "software failure",
             5,
         )
-        assert [m["milestone"] for m in timeline["milestones"]] == [
-            "detected",
-            "decided",
-            "planned",
+        labels = [m["milestone"] for m in timeline["milestones"]]
+        assert labels[:3] == ["detected", "decided", "planned"]
+        # Then each machine's part, in time order: all its ranks restored, its first step done.
+        assert sorted(labels[3:]) == [
+            "m0 first step",
+            "m0 restored",
+            "m1 first step",
+            "m1 restored",
         ]
+        assert labels.index("m0 restored") < labels.index("m0 first step")
         assert all(m["since_previous_s"] >= 0 for m in timeline["milestones"][1:])
 
 

@@ -161,7 +161,7 @@ def test_a_lost_machine_its_replacement_and_the_agents_parts(job):
         ("m1 replaced", 0.25),
         ("planned", 0.5),
         ("m1 restored", 1.75),
-        ("m1 first_step", 0.5),
+        ("m1 first step", 0.5),
     ]
     assert status["timeline"]["kind"] == "machine failure"
     assert status["timeline"]["agents"] == {"1": {"restored_at": 203.0, "first_step_at": 203.5}}

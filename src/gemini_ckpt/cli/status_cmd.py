@@ -212,7 +212,7 @@ def timeline_view(records: Records) -> dict[str, Any] | None:
     steps.append(("planned", record.get("planned_at")))
     parts = _by_machine(records, f"timeline/{g}/")
     agents = [
-        (f"m{m} {field.removesuffix('_at')}", at)
+        (f"m{m} {field.removesuffix('_at').replace('_', ' ')}", at)
         for m, part in parts.items()
         for field, at in part.items()
         if field.endswith("_at") and _num(at) is not None
