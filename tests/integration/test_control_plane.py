@@ -70,7 +70,8 @@ def records(bed: LocalTestbed) -> list[dict]:
 
 
 def test_lost_machine_is_replaced_and_the_job_resumes_from_the_persisted_step(tmp_path, reference):
-    bed = run_job(tmp_path, ("kill-machine@step=10,machine=1",))
+    # A warm standby takes the lost machine's place (the kill-root test starts a new agent).
+    bed = run_job(tmp_path, ("kill-machine@step=10,machine=1",), standby=1)
     events = records(bed)
     (fault,) = [e for e in events if e["event"] == ev.FAULT_INJECTED]
     incidents = [e for e in events if e["event"] == ev.INCIDENT and e["kind"] == "machine failure"]
@@ -78,7 +79,9 @@ def test_lost_machine_is_replaced_and_the_job_resumes_from_the_persisted_step(tm
     assert incidents[0]["machines"] == [1]
     # detected within the lease TTL plus a small margin (the root polls every 50 ms)
     assert incidents[0]["decided_at"] - fault["t"] <= TTL + 2.0
-    assert [r["machine"] for r in bed.replacements] == [1]
+    assert [(r["machine"], r["standby"]) for r in bed.replacements] == [(1, "s0")]
+    (taken,) = [e for e in events if e["event"] == ev.STANDBY_ASSIGNED]
+    assert (taken["machine"], taken["standby"]) == (1, "s0")
     (recovery,) = bed.summary().recoveries
     assert recovery.kind == "machine failure"
     assert recovery.restored_step == 8  # the newest step on disk: machine 1's memory is gone

@@ -20,10 +20,14 @@ from types import FrameType
 
 from gemini_ckpt import config as cfg
 from gemini_ckpt.agent.agent import MachineAgent
+from gemini_ckpt.agent.standby import await_assignment
+from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.coordination.etcd_kv import EtcdKV
 from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
+from gemini_ckpt.coordination.job import JobCoordinator
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.faults import parse_fault, resolve_faults
+from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
 from gemini_ckpt.store.files import parse_location
 
@@ -176,6 +180,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="connect to the job store even on node 0 (a test bed hosts it)",
     )
+    p.add_argument(
+        "--standby",
+        metavar="NAME",
+        default=_env("STANDBY", ""),
+        help="start as warm standby NAME: connect to --etcd, wait until an operator assigns a "
+        "machine of the job, then run as that machine's agent (--node-rank is ignored)",
+    )
     add_common_options(p)
     p.set_defaults(run=run)
 
@@ -279,13 +290,38 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the agent until the job ends."""
-    config = agent_config(args)
-    kv, etcd_server = connect_store(config, args.standalone, args.etcd)
+    config = agent_config(args)  # also for a standby: its flags are checked before it waits
+    standby: tuple[int, float] | None = None
+    if args.standby:
+        if not args.etcd or args.standalone:
+            raise ConfigError("--standby needs --etcd (a standby learns its machine through etcd)")
+        kv = EtcdKV(cfg.EtcdClientConfig(cfg.parse_endpoints(args.etcd))).start()
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            standby = await_assignment(
+                ControlPlane(kv, config.job_id, config.machines),
+                JobCoordinator(kv, config.job_id, config.machines),
+                args.standby,
+                config.member_ttl_s,
+            )
+        except BaseException:
+            kv.close()
+            raise
+        if standby is None:
+            kv.close()
+            return 0
+        args.node_rank = standby[0]
+        config = agent_config(args)
+        etcd_server = None
+    else:
+        kv, etcd_server = connect_store(config, args.standalone, args.etcd)
     event_log = EventLog(config.machine_dir / "events.jsonl", machine=config.machine)
     agent = MachineAgent(config, kv, event_log)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         agent.start()
+        if standby is not None:
+            event_log.emit(events.STANDBY_ASSIGNED, standby=args.standby, waited_s=standby[1])
         print(
             f"gemini-ckpt: machine {config.machine} agent up (pid {os.getpid()}), ranks "
             f"{config.ranks.start}..{config.ranks.stop - 1}, run dir {config.run_dir}",

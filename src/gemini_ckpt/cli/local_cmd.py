@@ -60,6 +60,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=env("ETCD_MEMBERS", "1"),
         help="members of the private etcd (3: survives losing one)",
     )
+    p.add_argument(
+        "--standby",
+        type=int,
+        default=env("STANDBY", "0"),
+        help="warm standby agents kept waiting to replace lost machines (default 0)",
+    )
     add_common_options(p)
     p.set_defaults(run=run)
 
@@ -86,6 +92,7 @@ def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
         "etcd": args.etcd,
         "member_ttl_s": args.member_ttl,
         "etcd_members": args.etcd_members,
+        "standby": args.standby,
     }
     fields.update(overrides)
     return LocalSpec(**fields)  # type: ignore[arg-type]

@@ -6,6 +6,8 @@ Keys (under `gemini/<job>/`, next to those of `job.py`):
     root/leader             the elected root (see `election.py`)
     operator/requests/m<i>  the root asks for machine i to be replaced (fulfilled by an operator)
     operator/replaced/m<i>  the operator says it started the replacement
+    standby/<name>          a warm standby agent waits (attached to its lease)
+    standby/<name>/assign   the machine index an operator gave it (written once)
     timeline/<g>            the root's record of the incident that opened generation g
     timeline/<g>/m<i>       agent i's part of it (restored, first step)
 
@@ -129,6 +131,40 @@ class ControlPlane:
     def report_replaced(self, machine: int, record: dict[str, Any]) -> None:
         """The operator's acknowledgement that machine `machine` was replaced."""
         self.kv.put(self.key(f"operator/replaced/m{machine}"), self._json(record))
+
+    # -- warm standby agents ----------------------------------------------------------------------
+
+    def register_standby(self, name: str, lease: int, record: dict[str, Any]) -> None:
+        """Announce standby `name` (ready to take a machine) for as long as `lease` lives."""
+        self.kv.put(self.key(f"standby/{name}"), self._json(record), lease=lease)
+
+    def standbys(self) -> dict[str, dict[str, Any]]:
+        """Standbys alive and not yet assigned a machine."""
+        out: dict[str, dict[str, Any]] = {}
+        assigned = set()
+        for item in self.kv.get_prefix(self.key("standby/")).items:
+            name = item.key.removeprefix(self.key("standby/"))
+            if name.endswith("/assign"):
+                assigned.add(name.removesuffix("/assign"))
+            elif "/" not in name:
+                out[name] = json.loads(item.value)
+        return {n: r for n, r in out.items() if n not in assigned}
+
+    def assign_standby(self, name: str, machine: int, record: dict[str, Any]) -> bool:
+        """Give standby `name` machine `machine`; False if it was already given one."""
+        return self.kv.compare_set(
+            self.key(f"standby/{name}/assign"), None, self._json({"machine": machine, **record})
+        )
+
+    def standby_assignment(self, name: str) -> int | None:
+        """The machine standby `name` was given, or None yet."""
+        value = self.kv.get(self.key(f"standby/{name}/assign"))
+        return int(json.loads(value)["machine"]) if value is not None else None
+
+    def retire_standby(self, name: str) -> None:
+        """Remove standby `name`'s records (it became a machine, or it leaves)."""
+        self.kv.delete(self.key(f"standby/{name}"))
+        self.kv.delete(self.key(f"standby/{name}/assign"))
 
     # -- the root (fenced) ------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ STAGED = "staged"
 RESTORED = "restored"
 CORRUPT = "corrupt_checkpoint"
 JOB_FINISHED = "job_finished"
+STANDBY_ASSIGNED = "standby_assigned"
 
 
 class EventLog:

@@ -31,6 +31,7 @@ from gemini_ckpt.observability.events import EventLog, parse_events, read_events
 from gemini_ckpt.observability.summary import RunSummary, summarize
 from gemini_ckpt.testbed.etcd_faults import EtcdFaults
 from gemini_ckpt.testbed.operator import LocalProcessOperator
+from gemini_ckpt.testbed.standby_pool import StandbyPool
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class LocalSpec:
     """Members of the private etcd the test bed starts (3: a cluster that survives losing one)."""
     etcd: str = ""
     """An existing etcd cluster (HOST:PORT,...); empty: start a private one for the job."""
+    standby: int = 0
+    """Warm standby agents kept waiting to replace lost machines (started ahead of need)."""
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +72,8 @@ class LocalSpec:
             )
         if not self.script.is_file():
             raise ConfigError(f"training script {self.script} does not exist")
+        if self.standby < 0:
+            raise ConfigError(f"--standby must be >= 0, got {self.standby}")
         # Surface a bad --fault before anything starts.
         resolve_faults(
             [parse_fault(f) for f in self.faults],
@@ -115,7 +120,9 @@ class LocalTestbed:
         self._kv: EtcdKV | None = None
         self._operator: LocalProcessOperator | None = None
         self._etcd_faults: EtcdFaults | None = None
-        self._replaced: list[dict[str, float | int]] = []
+        self._replaced: list[dict[str, Any]] = []
+        self._standbys: StandbyPool | None = None
+        self._standby_logs: dict[int, Path] = {}
         self._events = EventLog(self.run_dir / "testbed" / "events.jsonl", machine="testbed")
         self.tail = EventTail([self.event_file(m) for m in range(spec.machines)])
 
@@ -123,8 +130,8 @@ class LocalTestbed:
         """Where machine `machine`'s agent writes its events."""
         return self.run_dir / f"m{machine}" / "events.jsonl"
 
-    def agent_command(self, machine: int, etcd: str) -> list[str]:
-        """The command line that starts machine `machine`'s agent."""
+    def agent_command(self, machine: int, etcd: str, standby: str = "") -> list[str]:
+        """The command line that starts machine `machine`'s agent (or warm standby `standby`)."""
         spec = self.spec
         command = [
             sys.executable,
@@ -174,6 +181,8 @@ class LocalTestbed:
             ]
         for fault in spec.faults:
             command += ["--fault", fault]
+        if standby:
+            command += ["--standby", standby]
         return [*command, str(spec.script), *spec.script_args]
 
     def start(self) -> None:
@@ -207,23 +216,44 @@ class LocalTestbed:
             self._launch(machine)
         self._kv = EtcdKV(cfg.EtcdClientConfig(cfg.parse_endpoints(etcd))).start()
         plane = ControlPlane(self._kv, self.job_id, self.spec.machines)
+        self._standbys = StandbyPool(plane, self._spawn_standby, self.spec.standby)
         self._operator = LocalProcessOperator(plane, self._retire, self._launch)
         self._operator.start()
 
-    def _launch(self, machine: int) -> int:
-        """Start machine `machine`'s agent (again, for a replacement); return its pid."""
-        machine_dir = self.run_dir / f"m{machine}"
-        machine_dir.mkdir(parents=True, exist_ok=True)
-        with (machine_dir / "agent.log").open("ab") as log:
-            agent = subprocess.Popen(
-                self.agent_command(machine, self._etcd_endpoint),
+    def _launch(self, machine: int) -> dict[str, Any]:
+        """Bring up machine `machine`'s agent: a waiting standby if one is ready, else a new one."""
+        standby = self._take_standby(machine)
+        if standby is not None:
+            return standby
+        agent = self._spawn(self.agent_command(machine, self._etcd_endpoint), f"m{machine}")
+        self._agents[machine] = agent
+        return {"pid": agent.pid}
+
+    def _spawn(self, command: list[str], log_dir: str) -> subprocess.Popen[bytes]:
+        directory = self.run_dir / log_dir
+        directory.mkdir(parents=True, exist_ok=True)
+        with (directory / "agent.log").open("ab") as log:
+            return subprocess.Popen(
+                command,
                 env=cfg.child_env(self.spec.env),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self._agents[machine] = agent
-        return agent.pid
+
+    def _spawn_standby(self, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        command = self.agent_command(0, self._etcd_endpoint, standby=name)
+        process = self._spawn(command, f"standby-{name}")
+        return process, self.run_dir / f"standby-{name}" / "agent.log"
+
+    def _take_standby(self, machine: int) -> dict[str, Any] | None:
+        taken = self._standbys.take(machine) if self._standbys is not None else None
+        if taken is None:
+            return None
+        name, process, log_path = taken
+        self._agents[machine] = process
+        self._standby_logs[machine] = log_path
+        return {"pid": process.pid, "standby": name}
 
     def _retire(self, machine: int) -> None:
         """Make sure nothing of machine `machine` survives: agent, trainers, shared memory."""
@@ -244,7 +274,7 @@ class LocalTestbed:
         shutil.rmtree(cfg.shm_root() / f"gemini-{self.job_id}" / f"m{machine}", ignore_errors=True)
 
     @property
-    def replacements(self) -> list[dict[str, float | int]]:
+    def replacements(self) -> list[dict[str, Any]]:
         """Machines the operator replaced, with timestamps (also after `close()`)."""
         return list(self._operator.replacements) if self._operator else list(self._replaced)
 
@@ -275,11 +305,15 @@ class LocalTestbed:
         return summarize(read_events(self.event_files()))
 
     def agent_log(self, machine: int) -> str:
-        """What machine `machine`'s agent printed."""
-        try:
-            return (self.run_dir / f"m{machine}" / "agent.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        """What machine `machine`'s agent printed (a standby that became it: its log too)."""
+        paths = [self.run_dir / f"m{machine}" / "agent.log"]
+        if machine in self._standby_logs:
+            paths.append(self._standby_logs[machine])
+        text = []
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                text.append(path.read_text(errors="replace"))
+        return "".join(text)
 
     def close(self, grace_s: float = 15.0) -> None:
         """Stop agents still running (SIGTERM, then SIGKILL) and free the job's shared memory."""
@@ -291,11 +325,14 @@ class LocalTestbed:
             self._etcd_faults.close()
             self._etcd_faults = None
         self._events.close()
-        for agent in self._agents.values():
+        processes = [*self._agents.values()]
+        if self._standbys is not None:
+            processes += self._standbys.waiting()
+        for agent in processes:
             if agent.poll() is None:
                 os.killpg(agent.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for agent in self._agents.values():
+        for agent in processes:
             try:
                 agent.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -3,8 +3,9 @@
 The root never calls an operator: it writes a replacement request into etcd
 (`operator/requests/m<i>`), so any operator that can watch etcd can serve it (this one, a
 Kubernetes controller, a cloud auto-scaling hook). This one makes sure everything of the lost
-machine is gone (its agent's process group, trainers left behind, its shared memory), starts a new
-agent process for the same machine index, with fresh, empty memory, and acknowledges the request.
+machine is gone (its agent's process group, trainers left behind, its shared memory), brings up an
+agent for the same machine index with fresh, empty memory (a warm standby when one waits, else a
+new process), and acknowledges the request.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.errors import CoordinationError
@@ -27,7 +29,7 @@ class LocalProcessOperator:
         self,
         plane: ControlPlane,
         retire: Callable[[int], None],
-        launch: Callable[[int], int],
+        launch: Callable[[int], dict[str, Any]],
         poll_s: float = 0.1,
     ) -> None:
         self._plane = plane
@@ -36,7 +38,7 @@ class LocalProcessOperator:
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.replacements: list[dict[str, float | int]] = []
+        self.replacements: list[dict[str, Any]] = []
 
     def start(self) -> None:
         """Serve requests until `close()`."""
@@ -65,16 +67,16 @@ class LocalProcessOperator:
         started = time.time()
         log.warning("operator: replacing machine %d (%s)", machine, request.get("reason"))
         self._retire(machine)
-        pid = self._launch(machine)
+        how = self._launch(machine)
         record = {
             "generation": request.get("generation"),
             "requested_at": request.get("at"),
             "started_at": started,
             "replaced_at": time.time(),
-            "pid": pid,
+            **how,
         }
         try:
             self._plane.report_replaced(machine, record)
         except CoordinationError as e:
             log.error("operator could not acknowledge machine %d: %s", machine, e)
-        self.replacements.append({"machine": machine, **record})  # type: ignore[dict-item]
+        self.replacements.append({"machine": machine, **record})
