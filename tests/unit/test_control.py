@@ -1,10 +1,15 @@
 """The root's fenced decisions: a root whose lease expired cannot open a generation or publish a
-plan, even though its process is alive and still believes it leads."""
+plan, even though its process is alive and still believes it leads; warm standbys are assigned
+once."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
+from gemini_ckpt.agent.standby import await_assignment
 from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.coordination.election import Election
 from gemini_ckpt.coordination.job import JobCoordinator
@@ -54,3 +59,34 @@ def test_a_plan_for_a_generation_that_moved_on_is_not_published():
     assert plane.advance_generation(leadership, 0, {"kind": "software failure"})
     assert not plane.publish_plan(leadership, 0, {"step": 3}, {})
     assert not plane.advance_generation(leadership, 0, {"kind": "software failure"})
+
+
+def test_a_standby_waits_until_assigned_once_and_leaves_no_records():
+    kv = MemoryKV()
+    plane = ControlPlane(kv, "job", machines=2)
+    got: list[tuple[int, float] | None] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(
+            await_assignment(plane, JobCoordinator(kv, "job", 2), "s0", ttl_s=5, poll_s=0.01)
+        )
+    )
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while "s0" not in plane.standbys() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert plane.standbys()["s0"]["pid"] > 0
+    assert plane.assign_standby("s0", 1, {})
+    assert not plane.assign_standby("s0", 0, {})  # a standby becomes one machine only
+    waiter.join(5)
+    assert got[0] is not None and got[0][0] == 1
+    assert plane.standbys() == {}
+    assert not kv.get_prefix("gemini/job/standby/").items
+
+
+def test_a_standby_leaves_when_the_job_ends():
+    kv = MemoryKV()
+    plane = ControlPlane(kv, "job", machines=1)
+    coordinator = JobCoordinator(kv, "job", 1)
+    coordinator.fail_job("restart limit reached")
+    assert await_assignment(plane, coordinator, "s1", ttl_s=5, poll_s=0.001) is None
+    assert plane.standbys() == {}
