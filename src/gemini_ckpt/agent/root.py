@@ -137,8 +137,16 @@ class RootRole:
             statuses.get(m, {}).get("hang") for m in incident.machines
         ):
             kind = IncidentKind.HANG.value
-        reported = [statuses.get(m, {}).get("at") for m in incident.machines]
-        detected = min((t for t in reported if t), default=time.time())
+        if incident.kind is IncidentKind.MACHINE:
+            # Seen on this tick: the lease just expired (the lost machine's last report is older).
+            detected = time.time()
+        else:
+            reported = [
+                statuses[m].get("at")
+                for m in incident.machines
+                if m in statuses and statuses[m].get("failed_ranks")
+            ]
+            detected = min((t for t in reported if t), default=time.time())
         record: dict[str, Any] = {
             "kind": kind,
             "reason": incident.reason,

@@ -180,7 +180,7 @@ class EndpointPool:
             return result
         raise CoordinationUnavailableError(
             f"etcd {what} failed: no endpoint of {','.join(self.config.endpoints)} answered "
-            f"within {timeout:g} s ({'; '.join(errors[-3:]) or 'no attempt fitted'})"
+            f"within {timeout:g} s ({'; '.join(dict.fromkeys(errors[-3:])) or 'no attempt fitted'})"
         )
 
     def _check(self, endpoint: Endpoint, timeout_s: float) -> str | None:
