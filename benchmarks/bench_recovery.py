@@ -70,7 +70,14 @@ PHASES = {
     "first_step": ("restored", "first_step"),
 }
 """Phase -> (from milestone, to milestone); without a replacement, "plan" starts at "decided"."""
-SCENARIOS = {"software": "software failure", "machine": "machine failure"}
+SCENARIOS = {
+    "software": "software failure",
+    "machine": "machine failure",
+    "standby": "machine failure, warm standby",
+}
+"""Scenario -> its label in tables."""
+KINDS = {"software": "software failure", "machine": "machine failure", "standby": "machine failure"}
+"""Scenario -> the incident kind the root must record for the run to count."""
 
 
 def _first(records: list[dict[str, Any]], kind: str, **match: Any) -> dict[str, Any] | None:
@@ -158,6 +165,8 @@ def job_spec(scenario: str, args: argparse.Namespace, run_dir: Path) -> LocalSpe
     else:
         fault = f"kill-machine@step={args.fail_at},machine={args.machines - 1}"
         extra = {"persist_dir": run_dir / "persist", "persist_every": args.persist_every}
+        if scenario == "standby":
+            extra["standby"] = 1  # the replacement's agent is already running, imports done
     script_args = ["--steps", str(args.steps), "--d-model", str(args.d_model)]
     script_args += ["--layers", str(args.layers), "--batch", "4", "--seq", "32"]
     return LocalSpec(
@@ -183,7 +192,7 @@ def run_once(scenario: str, args: argparse.Namespace, run_dir: Path) -> dict[str
         raise RuntimeError(f"{scenario} run failed (exit code {code}); logs in {run_dir}")
     records = read_events([bed.event_file(m) for m in range(args.machines)])
     marks = milestones(records, replacements)
-    if marks["kind"] != SCENARIOS[scenario]:
+    if marks["kind"] != KINDS[scenario]:
         raise RuntimeError(f"{scenario} run recovered from a {marks['kind']}; logs in {run_dir}")
     return {
         "fault": spec.faults[0],
@@ -206,7 +215,7 @@ def run_scenario(
     root_kills: list[dict[str, Any]] = []
     while len(runs) < args.repeats:
         run = run_once(scenario, args, work / f"{scenario}-{len(runs) + len(root_kills)}")
-        hit_root = scenario == "machine" and run["milestones"]["killed_root"]
+        hit_root = KINDS[scenario] == "machine failure" and run["milestones"]["killed_root"]
         if hit_root and len(root_kills) < args.root_kill_retries:
             root_kills.append(run)
             print(f"{scenario} run: the killed machine was the root; repeating", flush=True)
@@ -253,7 +262,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--scenarios", default="software,machine")
+    p.add_argument("--scenarios", default="software,machine,standby")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--machines", type=int, default=2)
     p.add_argument("--nproc-per-machine", type=int, default=2)

@@ -82,6 +82,12 @@ def test_lost_machine_is_replaced_and_the_job_resumes_from_the_persisted_step(tm
     assert [(r["machine"], r["standby"]) for r in bed.replacements] == [(1, "s0")]
     (taken,) = [e for e in events if e["event"] == ev.STANDBY_ASSIGNED]
     assert (taken["machine"], taken["standby"]) == (1, "s0")
+    # The pool was refilled once the recovery was over (not during it: same cores).
+    first_step = min(
+        e["t"] for e in events if e["event"] == ev.PROGRESS and e.get("generation", 0) > 0
+    )
+    assert set(bed.standbys_started) == {"s0", "s1"}
+    assert bed.standbys_started["s1"] >= first_step
     (recovery,) = bed.summary().recoveries
     assert recovery.kind == "machine failure"
     assert recovery.restored_step == 8  # the newest step on disk: machine 1's memory is gone

@@ -96,15 +96,17 @@ class ControlPlane:
         self.kv.put(key, self._json(merged))
 
     def timeline(self, generation: int) -> dict[str, Any]:
-        """Generation `generation`'s timeline: the root's record and each machine's part."""
-        out: dict[str, Any] = {"machines": {}}
+        """Generation `generation`'s timeline: the root's record, each machine's under "parts"."""
+        out: dict[str, Any] = {}
+        parts: dict[int, Any] = {}
         for item in self.kv.get_prefix(self.key(f"timeline/{generation}")).items:
             rest = item.key.removeprefix(self.key(f"timeline/{generation}"))
             if rest == "":
                 out.update(json.loads(item.value))
             elif rest.startswith("/m") and rest[2:].isdigit():
-                out["machines"][int(rest[2:])] = json.loads(item.value)
-        return out
+                parts[int(rest[2:])] = json.loads(item.value)
+        # Not "machines": the root's record already uses that name for the incident's machines.
+        return {**out, "parts": parts}
 
     def claim_fault(self, name: str) -> bool:
         """True for exactly one caller per job and fault `name` (faults fire once per job)."""

@@ -220,9 +220,9 @@ class LocalTestbed:
         self._operator = LocalProcessOperator(plane, self._retire, self._launch)
         self._operator.start()
 
-    def _launch(self, machine: int) -> dict[str, Any]:
+    def _launch(self, machine: int, generation: int = 0) -> dict[str, Any]:
         """Bring up machine `machine`'s agent: a waiting standby if one is ready, else a new one."""
-        standby = self._take_standby(machine)
+        standby = self._take_standby(machine, generation)
         if standby is not None:
             return standby
         agent = self._spawn(self.agent_command(machine, self._etcd_endpoint), f"m{machine}")
@@ -246,8 +246,8 @@ class LocalTestbed:
         process = self._spawn(command, f"standby-{name}")
         return process, self.run_dir / f"standby-{name}" / "agent.log"
 
-    def _take_standby(self, machine: int) -> dict[str, Any] | None:
-        taken = self._standbys.take(machine) if self._standbys is not None else None
+    def _take_standby(self, machine: int, generation: int) -> dict[str, Any] | None:
+        taken = self._standbys.take(machine, generation) if self._standbys is not None else None
         if taken is None:
             return None
         name, process, log_path = taken
@@ -277,6 +277,11 @@ class LocalTestbed:
     def replacements(self) -> list[dict[str, Any]]:
         """Machines the operator replaced, with timestamps (also after `close()`)."""
         return list(self._operator.replacements) if self._operator else list(self._replaced)
+
+    @property
+    def standbys_started(self) -> dict[str, float]:
+        """When each warm standby was started (wall clock)."""
+        return dict(self._standbys.started) if self._standbys is not None else {}
 
     def poll(self) -> int | None:
         """None while agents run; their worst exit code once all have ended."""
@@ -321,6 +326,8 @@ class LocalTestbed:
             self._operator.close()
             self._replaced = list(self._operator.replacements)
             self._operator = None
+        if self._standbys is not None:
+            self._standbys.close()
         if self._etcd_faults is not None:
             self._etcd_faults.close()
             self._etcd_faults = None

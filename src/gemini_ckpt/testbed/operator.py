@@ -29,7 +29,7 @@ class LocalProcessOperator:
         self,
         plane: ControlPlane,
         retire: Callable[[int], None],
-        launch: Callable[[int], dict[str, Any]],
+        launch: Callable[[int, int], dict[str, Any]],
         poll_s: float = 0.1,
     ) -> None:
         self._plane = plane
@@ -63,11 +63,11 @@ class LocalProcessOperator:
                 if done.get(machine, {}).get("generation") != request.get("generation"):
                     self._replace(machine, request)
 
-    def _replace(self, machine: int, request: dict[str, object]) -> None:
+    def _replace(self, machine: int, request: dict[str, Any]) -> None:
         started = time.time()
         log.warning("operator: replacing machine %d (%s)", machine, request.get("reason"))
         self._retire(machine)
-        how = self._launch(machine)
+        how = self._launch(machine, int(request.get("generation") or 0))
         record = {
             "generation": request.get("generation"),
             "requested_at": request.get("at"),

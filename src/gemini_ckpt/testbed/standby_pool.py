@@ -2,7 +2,10 @@
 
 A standby counts as ready once it announced itself in etcd (its imports and etcd connection are
 done) and its process still runs; otherwise the operator starts a new agent as it would without
-standbys. Each standby handed out is replaced at once, so the pool stays full for the next loss.
+standbys. Each standby handed out is replaced once the recovery it served is over (every machine
+completed a step in that generation, or the job moved on): started at once, the new standby's
+imports would compete with the recovering trainers for this host's cores. (On a cluster, where a
+standby is a machine of its own, an operator would start it at once.)
 """
 
 from __future__ import annotations
@@ -27,21 +30,43 @@ Spawn = Callable[[str], tuple[subprocess.Popen[bytes], Path]]
 class StandbyPool:
     """`take(machine)` from the operator's thread; `waiting()` when the test bed closes."""
 
-    def __init__(self, plane: ControlPlane, spawn: Spawn, size: int) -> None:
+    def __init__(self, plane: ControlPlane, spawn: Spawn, size: int, poll_s: float = 0.5) -> None:
         self._plane = plane
         self._spawn = spawn
         self._names = itertools.count()
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        self._refills: list[int] = []  # generations whose recovery used a standby
+        self.started: dict[str, float] = {}
+        """When each standby was started (wall clock), handed out or not."""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         for _ in range(size):
             self._start()
+        if size:
+            self._thread = threading.Thread(
+                target=self._refill_loop, args=(poll_s,), name="gemini-standby-pool", daemon=True
+            )
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop refilling (the waiting standbys are the test bed's to stop)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
 
     def _start(self) -> None:
         name = f"s{next(self._names)}"
         self._waiting[name] = self._spawn(name)
+        self.started[name] = time.time()
 
-    def take(self, machine: int) -> tuple[str, subprocess.Popen[bytes], Path] | None:
-        """Assign a ready standby to `machine` and start another; None if none is ready."""
+    def take(
+        self, machine: int, generation: int
+    ) -> tuple[str, subprocess.Popen[bytes], Path] | None:
+        """Assign a ready standby to `machine` for `generation`'s recovery; None if none is ready.
+
+        Another standby is started once that recovery is over.
+        """
         with self._lock:
             if not self._waiting:
                 return None
@@ -61,9 +86,32 @@ class StandbyPool:
                 if not assigned:
                     continue
                 del self._waiting[name]
-                self._start()
+                self._refills.append(generation)
                 return name, process, log_path
             return None
+
+    def _refill_loop(self, poll_s: float) -> None:
+        while not self._stop.wait(poll_s):
+            with self._lock:
+                pending = list(self._refills)
+            for generation in pending:
+                try:
+                    over = self._recovered(generation)
+                except CoordinationError as e:
+                    log.debug("cannot read generation %d's timeline yet: %s", generation, e)
+                    continue
+                if over:
+                    with self._lock:
+                        self._refills.remove(generation)
+                        if not self._stop.is_set():
+                            self._start()
+
+    def _recovered(self, generation: int) -> bool:
+        """Every machine completed a step in `generation`, or the job is past it."""
+        parts = self._plane.timeline(generation)["parts"]
+        firsts = [m for m, part in parts.items() if "first_step_at" in part]
+        current = int(self._plane.kv.get(self._plane.key("generation")) or b"0")
+        return len(firsts) >= self._plane.machines or current > generation
 
     def waiting(self) -> list[subprocess.Popen[bytes]]:
         """The standby processes not handed out."""
