@@ -119,8 +119,15 @@ class RootRole:
         members = self._plane.members()
         statuses = self._plane.statuses()
         requests = self._plane.replacement_requests()
+        # A machine whose workers all finished leaves the job, and its lease with it: that is
+        # the job ending, not a lost machine (read after the members, so a machine that marks
+        # itself done and leaves in between is seen as done).
+        finished = self._coordinator.done_machines(generation)
         view = {}
         for machine in range(self._config.machines):
+            if machine in finished:
+                view[machine] = MemberReport(alive=True, failed_ranks=[])
+                continue
             pending = requests.get(machine, {}).get("generation") == generation
             status = statuses.get(machine, {})
             failed = (

@@ -268,12 +268,17 @@ class JobCoordinator:
         """This machine's workers all finished successfully in `generation`."""
         self._kv.set(self._key(f"gen{generation}/done/m{machine}"), b"1")
 
+    def done_machines(self, generation: int) -> set[int]:
+        """The machines whose workers all finished successfully in `generation`."""
+        return {
+            m
+            for m in range(self.machines)
+            if self._kv.get(self._key(f"gen{generation}/done/m{m}")) is not None
+        }
+
     def all_done(self, generation: int) -> bool:
         """Whether every machine's workers finished successfully in `generation`."""
-        return all(
-            self._kv.get(self._key(f"gen{generation}/done/m{m}")) is not None
-            for m in range(self.machines)
-        )
+        return len(self.done_machines(generation)) == self.machines
 
     # -- failure ---------------------------------------------------------------------------------
 

@@ -1,0 +1,63 @@
+"""The root's tick on in-memory etcd: a machine that leaves after finishing is not a lost one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gemini_ckpt.agent.root import RootRole
+from gemini_ckpt.config import AgentConfig
+from gemini_ckpt.coordination.control import ControlPlane
+from gemini_ckpt.coordination.election import Election, Leadership
+from gemini_ckpt.coordination.job import JobCoordinator
+from gemini_ckpt.coordination.memory_kv import MemoryKV
+from gemini_ckpt.observability.events import EventLog
+
+
+def started_job(tmp_path: Path) -> tuple[RootRole, Leadership, MemoryKV, list[int]]:
+    """Two machines joined, machine 0 leads, generation 0 planned; returns the leases too."""
+    kv = MemoryKV()
+    plane = ControlPlane(kv, "job", machines=2)
+    coordinator = JobCoordinator(kv, "job", machines=2)
+    leases = [kv.grant_lease(5).id for _ in range(2)]
+    for machine, lease in enumerate(leases):
+        plane.join(machine, lease, {})
+    leadership = Election(kv, plane.leader_key, "m0").campaign(leases[0], timeout_s=0.1)
+    assert leadership is not None
+    config = AgentConfig(
+        job_id="job",
+        machine=0,
+        machines=2,
+        nproc_per_machine=1,
+        command=("train.py",),
+        store_addr="",
+        store_port=0,
+        host_store=False,
+        run_dir=tmp_path,
+        shm_dir=tmp_path / "shm",
+        memory_limit=1 << 20,
+    )
+    root = RootRole(config, plane, coordinator, EventLog(None), persistent=None)
+    plane.publish_plan(leadership, 0, {"step": None, "generation": 0}, {"addr": "x", "port": 1})
+    return root, leadership, kv, leases
+
+
+def test_a_machine_that_finished_and_left_is_not_declared_lost(tmp_path):
+    root, leadership, kv, leases = started_job(tmp_path)
+    JobCoordinator(kv, "job", 2).mark_done(0, 1)
+    kv.revoke_lease(leases[1])  # its agent exits after the job's last step
+    root._tick(leadership)
+    assert JobCoordinator(kv, "job", 2).generation() == 0
+    assert ControlPlane(kv, "job", 2).replacement_requests() == {}
+
+
+@pytest.mark.parametrize("finished_elsewhere", [False, True])
+def test_a_machine_that_left_without_finishing_is_replaced(tmp_path, finished_elsewhere):
+    root, leadership, kv, leases = started_job(tmp_path)
+    if finished_elsewhere:  # the root's own machine finishing does not excuse machine 1
+        JobCoordinator(kv, "job", 2).mark_done(0, 0)
+    kv.revoke_lease(leases[1])
+    root._tick(leadership)
+    assert JobCoordinator(kv, "job", 2).generation() == 1
+    assert ControlPlane(kv, "job", 2).replacement_requests()[1]["generation"] == 1
