@@ -158,6 +158,10 @@ class AgentConfig:
     persist_keep: int = 2
     hang_timeout_s: float = 600.0
     """A generation in which no step completes for this long is hung: its workers are restarted."""
+    startup_timeout_s: float = 600.0
+    """How long a generation's first step may take (starting Python, importing torch, restoring):
+    kept apart from `hang_timeout_s` so a tight hang deadline does not mistake a slow start-up on a
+    busy host for a hang."""
     member_ttl_s: int = 5
     """Membership lease TTL: a machine whose agent is silent this long is declared failed."""
     local_addr: str = "127.0.0.1"
@@ -186,10 +190,13 @@ class AgentConfig:
             raise ConfigError("--persist-every/--persist-interval need --persist-dir")
         if self.member_ttl_s < 1:
             raise ConfigError(f"--member-ttl must be >= 1 s, got {self.member_ttl_s}")
-        if self.hang_timeout_s <= 0:
-            raise ConfigError(f"--hang-timeout must be positive, got {self.hang_timeout_s}")
-        if self.memory_limit <= 0:
-            raise ConfigError(f"--memory-limit must be positive, got {self.memory_limit}")
+        for flag, value in (
+            ("--hang-timeout", self.hang_timeout_s),
+            ("--startup-timeout", self.startup_timeout_s),
+            ("--memory-limit", self.memory_limit),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{flag} must be positive, got {value}")
         if len(str(self.socket_path)) > 100:
             raise ConfigError(
                 f"agent socket path {self.socket_path} is longer than a Unix socket allows; "

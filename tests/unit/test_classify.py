@@ -48,3 +48,18 @@ def test_startup_gets_the_full_deadline():
     incident = classify(111.0, members, 30, generation_started_at=80.0)
     assert incident.kind is IncidentKind.HANG
     assert incident.machines == (0, 1)
+
+
+def test_the_first_step_of_a_generation_is_held_to_the_startup_deadline():
+    # Machine 0 has not stepped since the generation began at 80; machine 1 stepped at 90.
+    members = {
+        0: MemberReport(True, last_step=3, last_step_at=10.0),
+        1: MemberReport(True, last_step=4, last_step_at=90.0),
+    }
+    quiet = classify(115.0, members, 5, generation_started_at=80.0, startup_deadline_s=60)
+    assert quiet is not None and quiet.machines == (1,)
+    assert "machine 1: 25.0 s since step 4 (deadline 5 s)" in quiet.reason
+    late = classify(141.0, {0: members[0]}, 5, generation_started_at=80.0, startup_deadline_s=60)
+    assert late is not None and late.machines == (0,)
+    assert "61.0 s since the generation's start (deadline 60 s)" in late.reason
+    assert classify(139.0, {0: members[0]}, 5, 80.0, startup_deadline_s=60) is None

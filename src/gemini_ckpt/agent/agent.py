@@ -265,7 +265,10 @@ class MachineAgent:
                 reported = True
             if not reported and state is GroupState.RUNNING:
                 reported = self._reporter.hang(
-                    generation, self.config.ranks, started, self.config.hang_timeout_s
+                    generation,
+                    self.config.ranks,
+                    started,
+                    (self.config.hang_timeout_s, self.config.startup_timeout_s),
                 )
             outcome = self._interrupted(generation)
             if outcome is not None:

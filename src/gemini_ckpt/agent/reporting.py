@@ -72,14 +72,20 @@ class StatusReporter:
             failures=[f.describe() for f in failures],
         )
 
-    def hang(self, generation: int, ranks: range, started: float, deadline_s: float) -> bool:
-        """Report a hang if no step completed within the deadline; True if one was reported."""
+    def hang(
+        self, generation: int, ranks: range, started: float, deadlines_s: tuple[float, float]
+    ) -> bool:
+        """Report a hang if no step completed within the deadline; True if one was reported.
+
+        `deadlines_s`: (between steps, before the generation's first step).
+        """
         step, at = self._service.last_progress()
         incident = classify(
             time.monotonic(),
             {self._machine: MemberReport(True, last_step=step, last_step_at=at)},
-            deadline_s,
+            deadlines_s[0],
             started,
+            startup_deadline_s=deadlines_s[1],
         )
         if incident is None:
             return False

@@ -102,6 +102,13 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         help="restart the workers when no step completes for this many seconds",
     )
     parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=_env("STARTUP_TIMEOUT", "600"),
+        help="seconds a generation's first step may take (start-up, imports, restore) "
+        "before the workers count as hung",
+    )
+    parser.add_argument(
         "--member-ttl",
         type=int,
         default=_env("MEMBER_TTL", "5"),
@@ -233,6 +240,7 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
         persist_every_s=args.persist_interval,
         persist_keep=args.persist_keep,
         hang_timeout_s=args.hang_timeout,
+        startup_timeout_s=args.startup_timeout,
         member_ttl_s=args.member_ttl,
         local_addr=args.local_addr or _local_addr(args),
     )

@@ -89,6 +89,7 @@ def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
         "persist_every": args.persist_every,
         "persist_interval_s": args.persist_interval,
         "hang_timeout_s": args.hang_timeout,
+        "startup_timeout_s": args.startup_timeout,
         "etcd": args.etcd,
         "member_ttl_s": args.member_ttl,
         "etcd_members": args.etcd_members,

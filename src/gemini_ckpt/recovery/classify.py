@@ -53,11 +53,14 @@ def classify(
     members: Mapping[int, MemberReport],
     hang_deadline_s: float,
     generation_started_at: float,
+    startup_deadline_s: float | None = None,
 ) -> Incident | None:
     """Classify the job's state; None when nothing is wrong.
 
-    `generation_started_at` bounds the hang check, so trainers still starting up (importing torch,
-    restoring) get the full deadline before their first step.
+    Until a machine completes its first step of the generation, it is measured against
+    `startup_deadline_s` (default: the hang deadline) from `generation_started_at`: its trainers
+    are starting Python, importing torch and restoring, which on a busy host takes far longer
+    than a step.
     """
     lost = sorted(m for m, report in members.items() if not report.alive)
     if lost:
@@ -78,23 +81,32 @@ def classify(
             reason=f"trainer(s) {list(ranks)} died on machine(s) {sorted(failed)} whose "
             "agents live: restart the workers, memory is intact",
         )
-    return _hang(now, members, hang_deadline_s, generation_started_at)
+    startup = hang_deadline_s if startup_deadline_s is None else startup_deadline_s
+    return _hang(now, members, (hang_deadline_s, startup), generation_started_at)
 
 
 def _hang(
-    now: float, members: Mapping[int, MemberReport], deadline_s: float, started_at: float
+    now: float,
+    members: Mapping[int, MemberReport],
+    deadlines_s: tuple[float, float],
+    started_at: float,
 ) -> Incident | None:
     stalled = []
     for machine, report in sorted(members.items()):
-        since = max(report.last_step_at or started_at, started_at)
-        if now - since > deadline_s:
-            stalled.append((machine, now - since, report.last_step))
+        at = report.last_step_at
+        if at is not None and at >= started_at:
+            since, deadline, what = at, deadlines_s[0], f"step {report.last_step}"
+        else:
+            since, deadline, what = started_at, deadlines_s[1], "the generation's start"
+        if now - since > deadline:
+            idle = f"{now - since:.1f} s since {what} (deadline {deadline:.0f} s)"
+            stalled.append((machine, idle))
     if not stalled:
         return None
-    detail = ", ".join(f"machine {m}: {idle:.1f} s since step {step}" for m, idle, step in stalled)
+    detail = ", ".join(f"machine {m}: {text}" for m, text in stalled)
     return Incident(
         IncidentKind.HANG,
-        tuple(m for m, _, _ in stalled),
-        reason=f"no step completed within the {deadline_s:.0f} s deadline ({detail}): "
+        tuple(m for m, _ in stalled),
+        reason=f"no step completed in time ({detail}): "
         "kill the workers and restart them from memory",
     )

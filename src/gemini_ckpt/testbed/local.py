@@ -55,6 +55,7 @@ class LocalSpec:
     persist_every: int = 0
     persist_interval_s: float = 0.0
     hang_timeout_s: float = 600.0
+    startup_timeout_s: float = 600.0
     member_ttl_s: int = 5
     etcd_members: int = 1
     """Members of the private etcd the test bed starts (3: a cluster that survives losing one)."""
@@ -163,6 +164,8 @@ class LocalTestbed:
             str(spec.fault_seed),
             "--hang-timeout",
             str(spec.hang_timeout_s),
+            "--startup-timeout",
+            str(spec.startup_timeout_s),
             "--member-ttl",
             str(spec.member_ttl_s),
         ]
