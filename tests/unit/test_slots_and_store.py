@@ -4,6 +4,7 @@ import pytest
 
 from gemini_ckpt.errors import CorruptCheckpointError, MemoryBudgetError, StoreError
 from gemini_ckpt.protocol.manifest import Manifest, TensorEntry
+from gemini_ckpt.store.budget import MemoryBudget
 from gemini_ckpt.store.local_store import LocalStore
 from gemini_ckpt.store.slots import RankSlots, WriteGrant
 
@@ -81,6 +82,50 @@ def test_store_budget_error_says_what_does_not_fit(tmp_path):
     finally:
         store.close()
     assert not (tmp_path / "shm").exists()
+
+
+def test_own_slots_and_replicas_share_one_budget(tmp_path):
+    budget = MemoryBudget(7 << 20)
+    own = LocalStore(tmp_path / "own", budget)
+    replicas = LocalStore(tmp_path / "replicas", budget, kind="replica")
+    own.start()
+    replicas.start()
+    try:
+        own.allocate(0, 1 << 20)
+        replicas.allocate(1, 1 << 20)
+        assert own.usage().reserved == replicas.usage().reserved == 4 << 20
+        with pytest.raises(
+            MemoryBudgetError,
+            match=r"the replica of rank 2 needs 2 slots of 2\.00 MiB; .* budget is 7\.00 MiB and "
+            r"4\.00 MiB \(2\.00 MiB own, 2\.00 MiB replicas\) is already held",
+        ):
+            replicas.allocate(2, 2 << 20)
+        # growing a holder replaces its reservation instead of adding to it
+        own.allocate(0, 2 << 20)
+        assert budget.held() == {"own rank 0": 4 << 20, "replica rank 1": 2 << 20}
+    finally:
+        own.close()
+        replicas.close()
+    assert budget.reserved() == 0
+
+
+def test_a_slot_changes_epoch_when_a_write_begins_so_a_lock_free_reader_sees_it(tmp_path):
+    store = LocalStore(tmp_path / "shm", budget=64 << 20)
+    store.start()
+    try:
+        store.allocate(0, 128)
+        for step, slot in ((1, 0), (2, 1)):
+            store.begin_write(0, store.prepare_write(0, step))
+            store.commit(0, slot, manifest(step))
+        ref = store.locate(0, 1)
+        assert store.unchanged(ref)
+        store.begin_write(0, store.prepare_write(0, 3))  # reuses step 1's slot
+        assert not store.unchanged(ref)
+        newest = store.locate(0, 2)
+        store.drop(0, 2)
+        assert not store.unchanged(newest)
+    finally:
+        store.close()
 
 
 def test_store_commit_writes_the_manifest_last_and_begin_removes_it(tmp_path):

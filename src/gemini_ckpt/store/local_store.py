@@ -1,7 +1,9 @@
-"""The machine's checkpoint memory: two shared-memory slots per local rank, under a memory budget.
+"""The machine's checkpoint memory: two shared-memory slots per rank, under a memory budget.
 
 Owned by the machine agent, so it outlives trainer processes. Thread-safe: the agent serves each
-trainer connection on its own thread.
+trainer connection on its own thread. An agent has two: one for its own ranks (written by its
+trainers) and one for the replicas of its peers' ranks (written by the replication server); both
+reserve from the machine's one `MemoryBudget`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gemini_ckpt.config import format_size
-from gemini_ckpt.errors import MemoryBudgetError, StoreError
+from gemini_ckpt.errors import StoreError
 from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.store import shm
+from gemini_ckpt.store.budget import MemoryBudget
 from gemini_ckpt.store.slots import SLOTS_PER_RANK, RankSlots, SlotStatus, WriteGrant
 
 _CAPACITY_GRANULE = 1 << 20
@@ -31,7 +34,9 @@ class MemoryUsage:
 
     budget: int
     reserved: int
+    """Everything the machine reserved: this store's slots and other stores' on the same budget."""
     per_rank: dict[int, int]
+    """This store's slots, per rank."""
 
     def describe(self) -> str:
         """One line for logs and status output."""
@@ -49,15 +54,25 @@ class SlotRef:
     path: Path
     capacity: int
     manifest: Manifest
+    epoch: int = 0
+    """The slot's write epoch when located: see `LocalStore.unchanged`."""
 
 
 class LocalStore:
-    """Checkpoint slots for the ranks of one machine, in files under `directory`."""
+    """Checkpoint slots for ranks, in files under `directory`.
 
-    def __init__(self, directory: Path, budget: int) -> None:
+    `kind` is "own" (this machine's ranks) or "replica" (peers' ranks held for them); it names the
+    store's reservations in the shared budget and in errors.
+    """
+
+    def __init__(self, directory: Path, budget: int | MemoryBudget, kind: str = "own") -> None:
         self.directory = directory
-        self.budget = budget
+        self.budget = budget if isinstance(budget, MemoryBudget) else MemoryBudget(budget)
+        self.kind = kind
         self._ranks: dict[int, RankSlots] = {}
+        # Bumped whenever a slot's bytes may change; a reader that must not block writers (the
+        # replication sender) checks it after reading to know its bytes were not torn.
+        self._epochs: dict[tuple[int, int], int] = {}
         self._capacity: dict[int, int] = {}
         self._lock = threading.Lock()
         # Slots being read by the agent itself (persisting); a write into one waits for the read.
@@ -71,6 +86,15 @@ class LocalStore:
     def close(self) -> None:
         """Release all checkpoint memory: unlink every file and the directory."""
         shutil.rmtree(self.directory, ignore_errors=True)
+        with self._lock:
+            for rank in self._capacity:
+                self.budget.release(self._holder(rank))
+
+    def _holder(self, rank: int) -> str:
+        return f"{self.kind} rank {rank}"
+
+    def _bump(self, rank: int, slot: int) -> None:
+        self._epochs[(rank, slot)] = self._epochs.get((rank, slot), 0) + 1
 
     def data_path(self, rank: int, slot: int) -> Path:
         """The shared-memory file of `rank`'s `slot`."""
@@ -97,15 +121,12 @@ class LocalStore:
             if nbytes <= current:
                 return current
             capacity = -(-nbytes // _CAPACITY_GRANULE) * _CAPACITY_GRANULE
-            others = sum(c for r, c in self._capacity.items() if r != rank) * SLOTS_PER_RANK
-            needed = capacity * SLOTS_PER_RANK
-            if others + needed > self.budget:
-                raise MemoryBudgetError(
-                    f"rank {rank} needs {SLOTS_PER_RANK} slots of {format_size(capacity)}; this "
-                    f"machine's checkpoint memory budget is {format_size(self.budget)} and "
-                    f"{format_size(others)} is already held by its other ranks "
-                    "(raise --memory-limit or shrink the state)"
-                )
+            whose = f"rank {rank}" if self.kind == "own" else f"the replica of rank {rank}"
+            self.budget.reserve(
+                self._holder(rank),
+                capacity * SLOTS_PER_RANK,
+                f"{whose} needs {SLOTS_PER_RANK} slots of {format_size(capacity)}",
+            )
             for slot in range(SLOTS_PER_RANK):
                 shm.reserve(self.data_path(rank, slot), capacity)
             self._capacity[rank] = capacity
@@ -142,6 +163,7 @@ class LocalStore:
                 raise StoreError(f"rank {rank}'s slots changed while step {grant.step} waited")
             # Ordering: the old manifest goes before any new byte lands: a torn slot never has one.
             shm.unlink(self._manifest_path(rank, grant.slot))
+            self._bump(rank, grant.slot)
             slots.begin(grant)
             return self.data_path(rank, grant.slot)
 
@@ -218,7 +240,24 @@ class LocalStore:
         manifest = slots.slots[index].manifest
         if manifest is None or slots.slots[index].status is not SlotStatus.COMMITTED:
             return None
-        return SlotRef(rank, index, self.data_path(rank, index), self._capacity[rank], manifest)
+        return SlotRef(
+            rank,
+            index,
+            self.data_path(rank, index),
+            self._capacity[rank],
+            manifest,
+            self._epochs.get((rank, index), 0),
+        )
+
+    def unchanged(self, ref: SlotRef) -> bool:
+        """Whether `ref`'s slot still holds its step, untouched since `ref` was located.
+
+        A reader that does not hold the slot with `reading()` (so as never to delay a trainer)
+        checks this after reading: True means no byte it read was being overwritten.
+        """
+        with self._lock:
+            current = self._locate(ref.rank, ref.manifest.step)
+            return current is not None and current.slot == ref.slot and current.epoch == ref.epoch
 
     @contextlib.contextmanager
     def reading(self, rank: int, step: int) -> Iterator[SlotRef | None]:
@@ -256,6 +295,7 @@ class LocalStore:
                     shm.unlink(self._manifest_path(rank, index))
                 slots.drop(step)
             slots.abort_writing()
+            self._bump(rank, 0)
             slots.begin(WriteGrant(0, manifest.step, None, None))
         region = shm.map_file(self.data_path(rank, 0), manifest.data_nbytes, writable=True)
         try:
@@ -276,6 +316,7 @@ class LocalStore:
             if slots is None or index is None:
                 return False
             shm.unlink(self._manifest_path(rank, index))
+            self._bump(rank, index)
             return slots.drop(step)
 
     def truncate_after(self, step: int) -> dict[int, list[int]]:
@@ -293,4 +334,4 @@ class LocalStore:
         """Reserved bytes, in total and per rank."""
         with self._lock:
             per_rank = {r: c * SLOTS_PER_RANK for r, c in sorted(self._capacity.items())}
-            return MemoryUsage(self.budget, sum(per_rank.values()), per_rank)
+            return MemoryUsage(self.budget.limit, self.budget.reserved(), per_rank)
