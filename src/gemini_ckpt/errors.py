@@ -52,6 +52,13 @@ class MemoryBudgetError(StoreError):
     """The requested checkpoint memory does not fit the machine's budget."""
 
 
+class ReplicationError(GeminiError):
+    """A peer agent could not be reached, refused a replication request, or broke the protocol.
+
+    The message names the peer's address and what went wrong.
+    """
+
+
 class CoordinationError(GeminiError):
     """The job-wide coordination store is unreachable or returned something unexpected."""
 

@@ -1,0 +1,268 @@
+"""Retrieval: pull a checkpoint a peer holds into a local store, over parallel connections.
+
+The manifest comes first; then the chunk range is cut into `streams` contiguous parts, each pulled
+on its own authenticated connection and thread, received straight into the destination slot and
+hashed there while the other streams keep receiving. The destination slot is committed (by
+`LocalStore.install`) only when every chunk matched the manifest. A copy that fails verification is
+reported back to the peer (DISCARD), so the next recovery plan does not pick it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gemini_ckpt.errors import CorruptCheckpointError, GeminiError, ReplicationError
+from gemini_ckpt.protocol.manifest import Manifest
+from gemini_ckpt.replication import wire
+from gemini_ckpt.replication.auth import Credentials
+from gemini_ckpt.replication.connection import Timeouts, call, connect, expect_ok
+from gemini_ckpt.snapshot.copier import digest
+from gemini_ckpt.store.local_store import LocalStore, SlotRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A checkpoint retrieved from a peer and committed in the local store at `ref`."""
+
+    rank: int
+    step: int
+    source: str
+    """The peer's address, and which of its stores served the copy ("replica" or "own")."""
+    nbytes: int
+    seconds: float
+    streams: int
+    ref: SlotRef
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """What a peer holds: committed steps per rank, of its replicas and of its own ranks."""
+
+    replicas: dict[int, list[int]]
+    own: dict[int, list[int]]
+
+
+class ReplicaClient:
+    """Requests to one peer's replication server; every call opens its own connection(s).
+
+    Raises:
+        ReplicationError: `endpoint` is not an address or "host:port".
+    """
+
+    def __init__(
+        self, endpoint: wire.Endpoint, credentials: Credentials, timeouts: Timeouts | None = None
+    ) -> None:
+        address = wire.parse_address(endpoint)
+        self.address = address
+        self.where = wire.describe(address)
+        self._credentials = credentials
+        self._timeouts = timeouts or Timeouts()
+
+    def _connect(self) -> socket.socket:
+        return connect(self.address, self._credentials, self._timeouts)
+
+    def _request(self, header: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """One request on a new connection: the reply header and the payload it announced."""
+        sock = self._connect()
+        try:
+            reply = call(sock, self.where, header)
+            payload = wire.recv_bytes(sock, wire.payload_size(reply), wire.MAX_MANIFEST)
+        except OSError as e:
+            raise ReplicationError(f"peer {self.where} broke the connection: {e}") from e
+        finally:
+            wire.close_quietly(sock)
+        return reply, payload
+
+    def holdings(self) -> Holdings:
+        """The peer's committed steps per rank.
+
+        Raises:
+            ReplicationError: the peer is unreachable, refused, or answered nonsense.
+        """
+        reply, _ = self._request({"op": "holdings"})
+        try:
+            return Holdings(_steps(reply.get("replicas")), _steps(reply.get("own")))
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ReplicationError(f"peer {self.where} sent malformed holdings: {e}") from e
+
+    def manifest(self, rank: int, step: int) -> tuple[Manifest, str]:
+        """The manifest of `rank`'s `step` as the peer holds it, and which store holds it.
+
+        Raises:
+            ReplicationError: the peer is unreachable, does not hold it, or broke the protocol.
+            CorruptCheckpointError: the manifest is invalid or not the one asked for.
+        """
+        reply, payload = self._request({"op": "manifest", "rank": rank, "step": step})
+        manifest = Manifest.from_json(payload)
+        if (manifest.job, manifest.rank, manifest.step) != (self._credentials.job, rank, step):
+            raise CorruptCheckpointError(
+                f"peer {self.where} sent the manifest of job {manifest.job!r} rank "
+                f"{manifest.rank} step {manifest.step} for rank {rank} step {step}"
+            )
+        return manifest, str(reply.get("source"))
+
+    def discard(self, rank: int, step: int) -> bool:
+        """Ask the peer to drop its copy of `rank`'s `step` (found corrupt); True if it did.
+
+        Raises:
+            ReplicationError: the peer is unreachable or refused.
+        """
+        reply, _ = self._request({"op": "discard", "rank": rank, "step": step})
+        return bool(reply.get("dropped"))
+
+    def fetch(self, rank: int, step: int, into: LocalStore, streams: int = 4) -> FetchResult:
+        """Retrieve `rank`'s `step` into `into` (see the module docstring).
+
+        Whatever `into` held for the rank is forgotten first (`LocalStore.install`); on failure
+        the rank holds nothing there.
+
+        Raises:
+            ReplicationError: the peer is unreachable, does not hold the step, or a connection
+                broke; the message names the peer.
+            CorruptCheckpointError: chunks failed verification (named in the message); the
+                peer has been asked to discard its copy.
+        """
+        started = time.monotonic()
+        manifest, kind = self.manifest(rank, step)
+        parts = _split(manifest.num_chunks, max(1, streams))
+        try:
+            ref = into.install(manifest, lambda view: self._pull(manifest, parts, view))
+        except GeminiError:
+            into.abort_write(rank, step)
+            raise
+        seconds = time.monotonic() - started
+        log.info(
+            "fetched rank %d step %d (%d bytes) from %s over %d streams in %.3f s",
+            rank,
+            step,
+            manifest.data_nbytes,
+            self.where,
+            len(parts),
+            seconds,
+        )
+        source = f"{self.where} ({kind})"
+        return FetchResult(rank, step, source, manifest.data_nbytes, seconds, len(parts), ref)
+
+    def _pull(self, manifest: Manifest, parts: list[range], view: memoryview) -> None:
+        """Run the streams into `view`; raise after all ended if any failed."""
+        errors: list[GeminiError] = []
+        bad: list[int] = []
+        stop = threading.Event()
+        threads = [
+            threading.Thread(
+                target=self._stream,
+                args=(manifest, part, view, (errors, bad, stop)),
+                name=f"gemini-fetch-{manifest.rank}-{i}",
+                daemon=True,
+            )
+            for i, part in enumerate(parts)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if bad:
+            self._report_corrupt(manifest, sorted(bad))
+        if errors:
+            raise errors[0]
+
+    def _stream(
+        self,
+        manifest: Manifest,
+        part: range,
+        view: memoryview,
+        outcome: tuple[list[GeminiError], list[int], threading.Event],
+    ) -> None:
+        errors, bad, stop = outcome
+        try:
+            sock = self._connect()
+        except ReplicationError as e:
+            errors.append(e)
+            stop.set()
+            return
+        try:
+            self._receive(sock, manifest, part, view, (bad, stop))
+        except (wire.WireError, OSError) as e:
+            errors.append(ReplicationError(f"peer {self.where} broke a fetch stream: {e}"))
+            stop.set()
+        except ReplicationError as e:
+            errors.append(e)
+            stop.set()
+        finally:
+            wire.close_quietly(sock)
+
+    def _receive(
+        self,
+        sock: socket.socket,
+        manifest: Manifest,
+        part: range,
+        view: memoryview,
+        progress: tuple[list[int], threading.Event],
+    ) -> None:
+        bad, stop = progress
+        rank, step = manifest.rank, manifest.step
+        request = {"op": "fetch", "rank": rank, "step": step}
+        call(sock, self.where, {**request, "first_chunk": part[0], "last_chunk": part[-1]})
+        for index in part:
+            if stop.is_set():
+                return
+            header = wire.recv_header(sock)
+            start, end = manifest.chunk_range(index)
+            expected = {"op": "chunk", "rank": rank, "step": step, "index": index}
+            if header is None or {key: header.get(key) for key in expected} != expected:
+                raise wire.WireError(f"expected chunk {index}, got {str(header)[:200]}")
+            if wire.payload_size(header) != end - start:
+                raise wire.WireError(f"chunk {index} is not {end - start} bytes: {header}")
+            wire.recv_exact_into(sock, view[start:end])
+            if digest(view[start:end]) != manifest.chunk_digests[index]:
+                bad.append(index)
+        expect_ok(sock, self.where, f"fetch of rank {rank} step {step}")
+
+    def _report_corrupt(self, manifest: Manifest, bad: list[int]) -> None:
+        rank, step = manifest.rank, manifest.step
+        try:
+            dropped = self.discard(rank, step)
+        except ReplicationError as e:
+            log.warning(
+                "could not ask %s to discard rank %d step %d: %s", self.where, rank, step, e
+            )
+            dropped = False
+        shown = ", ".join(str(i) for i in bad[:20]) + (", ..." if len(bad) > 20 else "")
+        raise CorruptCheckpointError(
+            f"rank {rank} step {step} from {self.where}: chunk(s) {shown} of "
+            f"{manifest.num_chunks} failed verification; the peer "
+            f"{'discarded' if dropped else 'was asked to discard'} its copy"
+        )
+
+
+def fetch_replica(
+    endpoint: wire.Endpoint,
+    credentials: Credentials,
+    rank: int,
+    step: int,
+    into: LocalStore,
+    streams: int = 4,
+) -> FetchResult:
+    """Retrieve `rank`'s `step` from the peer at `endpoint` into `into`.
+
+    See `ReplicaClient.fetch`, which this is with the default timeouts.
+    """
+    return ReplicaClient(endpoint, credentials).fetch(rank, step, into, streams)
+
+
+def _split(chunks: int, parts: int) -> list[range]:
+    """Cut `chunks` into at most `parts` contiguous, non-empty, near-equal ranges."""
+    parts = max(1, min(parts, chunks))
+    bounds = [chunks * i // parts for i in range(parts + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i] < bounds[i + 1]]
+
+
+def _steps(raw: Any) -> dict[int, list[int]]:
+    return {int(rank): [int(s) for s in steps] for rank, steps in dict(raw or {}).items()}
