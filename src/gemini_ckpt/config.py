@@ -166,8 +166,17 @@ class AgentConfig:
     """Membership lease TTL: a machine whose agent is silent this long is declared failed."""
     local_addr: str = "127.0.0.1"
     """The address other machines reach this agent at (the root hosts the workers' rendezvous)."""
+    replicas: int = 2
+    """m: copies of each machine's checkpoint in CPU memory, its own included (clipped to the
+    number of machines; 1 turns replication off)."""
+    replica_port: int = 0
+    """TCP port of this agent's replication server (0: any free port, published in etcd)."""
+    job_secret_file: Path | None = None
+    """File holding the job's secret that authenticates agents to each other (None: the
+    GEMINI_JOB_SECRET variable, else one the agents share through etcd)."""
 
     def __post_init__(self) -> None:
+        self._check_replication()
         if not 0 <= self.machine < self.machines:
             raise ConfigError(f"machine index {self.machine} is outside 0..{self.machines - 1}")
         if self.nproc_per_machine < 1:
@@ -203,10 +212,23 @@ class AgentConfig:
                 "use a shorter --run-dir"
             )
 
+    def _check_replication(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(
+                f"--replicas must be >= 1 (the machine's own copy counts), got {self.replicas}"
+            )
+        if not 0 <= self.replica_port < 65536:
+            raise ConfigError(f"--replica-port must be in 0..65535, got {self.replica_port}")
+
     @property
     def world_size(self) -> int:
         """Ranks in the job."""
         return self.machines * self.nproc_per_machine
+
+    @property
+    def effective_replicas(self) -> int:
+        """The m in use: a job cannot hold more copies than it has machines."""
+        return min(self.replicas, self.machines)
 
     @property
     def ranks(self) -> range:
@@ -232,6 +254,11 @@ def default_memory_limit() -> int:
     except OSError:
         return 8 << 30
     return max(1 << 30, stats.f_bsize * stats.f_blocks // 2)
+
+
+def job_secret_from_env() -> str:
+    """The job secret given in the environment (GEMINI_JOB_SECRET), or ""."""
+    return os.environ.get("GEMINI_JOB_SECRET", "")
 
 
 def shm_root() -> Path:

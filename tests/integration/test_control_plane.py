@@ -1,7 +1,8 @@
 """The control plane end to end on the test bed: lost machines, a lost root, an unsteady etcd.
 
-2 machines x 2 ranks train the demo GPT with the persistent tier on; every run must end
-bit-identical to an uninterrupted one.
+2 machines x 2 ranks train the demo GPT with the persistent tier on and no peer replicas (so a
+lost machine's ranks come back from disk; peer replicas have their own tests in
+test_peer_recovery.py); every run must end bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def run_job(run_dir: Path, faults: tuple[str, ...] = (), **spec: object) -> Loca
         member_ttl_s=TTL,
         persist_dir=run_dir / "ckpt",
         persist_every=4,
+        replicas=1,
     )
     fields.update(spec)
     with LocalTestbed(LocalSpec(**fields)) as bed:  # type: ignore[arg-type]

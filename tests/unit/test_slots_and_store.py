@@ -109,6 +109,21 @@ def test_own_slots_and_replicas_share_one_budget(tmp_path):
     assert budget.reserved() == 0
 
 
+def test_a_replication_factor_that_cannot_fit_is_refused_when_slots_are_first_sized(tmp_path):
+    store = LocalStore(tmp_path / "shm", MemoryBudget(8 << 20, copies=3))
+    store.start()
+    try:
+        store.allocate(0, 1 << 20)  # 2 MiB own, 6 MiB with two peers' copies
+        with pytest.raises(
+            MemoryBudgetError,
+            match=r"with --replicas 3 this machine also holds 2 peer copies of about as much: "
+            r"12\.00 MiB in all, over its checkpoint memory budget of 8\.00 MiB",
+        ):
+            store.allocate(1, 1 << 20)
+    finally:
+        store.close()
+
+
 def test_a_slot_changes_epoch_when_a_write_begins_so_a_lock_free_reader_sees_it(tmp_path):
     store = LocalStore(tmp_path / "shm", budget=64 << 20)
     store.start()

@@ -18,23 +18,36 @@ from dataclasses import dataclass, field
 from gemini_ckpt.agent.claim import MachineClaim
 from gemini_ckpt.agent.fault_injector import FaultInjector, kill_machine
 from gemini_ckpt.agent.persister import Persister, PersistPolicy
+from gemini_ckpt.agent.replicas import ReplicaRole, resolve_secret
 from gemini_ckpt.agent.reporting import StatusReporter
 from gemini_ckpt.agent.root import RootRole
 from gemini_ckpt.agent.server import ControlServer
 from gemini_ckpt.agent.service import Connection, ServiceHooks, TrainerService
 from gemini_ckpt.agent.staging import stage_plan
-from gemini_ckpt.agent.workers import GroupState, Rendezvous, WorkerExit, WorkerGroup
+from gemini_ckpt.agent.workers import (
+    GroupState,
+    Rendezvous,
+    WorkerExit,
+    WorkerGroup,
+    stop_after_saves,
+)
 from gemini_ckpt.config import AgentConfig
 from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.coordination.control_kv import ControlKV
 from gemini_ckpt.coordination.job import JobCoordinator, WaitAborted
 from gemini_ckpt.coordination.lease import LeaseKeeper
-from gemini_ckpt.errors import CoordinationError, CorruptCheckpointError, RecoveryError, StoreError
-from gemini_ckpt.faults import ResolvedFault
+from gemini_ckpt.errors import (
+    CoordinationError,
+    CorruptCheckpointError,
+    RecoveryError,
+    ReplicationError,
+    StoreError,
+)
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
-from gemini_ckpt.recovery.plan import PERSISTENT_TIER, RestorePlan
+from gemini_ckpt.recovery.plan import RestorePlan
 from gemini_ckpt.snapshot.copier import ChunkCopier
+from gemini_ckpt.store.budget import MemoryBudget
 from gemini_ckpt.store.local_store import LocalStore
 from gemini_ckpt.store.persistent import PersistentStore
 
@@ -61,11 +74,19 @@ class MachineAgent:
         self._events = event_log
         self._coordinator = JobCoordinator(kv, config.job_id, config.machines)
         self._plane = ControlPlane(kv, config.job_id, config.machines)
-        self._store = LocalStore(config.shm_dir, config.memory_limit)
+        budget = MemoryBudget(config.memory_limit, copies=config.effective_replicas)
+        self._store = LocalStore(config.shm_dir, budget)
         self._persistent = (
             PersistentStore(config.persist_dir, config.job_id, config.persist_keep)
             if config.persist_dir is not None
             else None
+        )
+        self._injector = FaultInjector(
+            config.faults,
+            event_log,
+            claim=lambda f: self._plane.claim_fault(
+                f"{f.kind}-s{f.step}-r{f.rank}-m{f.machine}-{f.point.value}{f.where}"
+            ),
         )
         self._persister = (
             Persister(
@@ -74,16 +95,13 @@ class MachineAgent:
                 config.ranks,
                 PersistPolicy(config.persist_every_steps, config.persist_every_s),
                 event_log,
+                self._injector.after_persisted,
             )
             if self._persistent is not None
             else None
         )
-        self._injector = FaultInjector(
-            config.faults,
-            event_log,
-            claim=lambda f: self._plane.claim_fault(
-                f"{f.kind}-s{f.step}-r{f.rank}-m{f.machine}-{f.point.value}"
-            ),
+        self._replicas = ReplicaRole(
+            config, self._store, budget, event_log, self._injector.corrupt_in_flight
         )
         self._service = TrainerService(
             config,
@@ -125,6 +143,11 @@ class MachineAgent:
             self._persister.start()
         self._service.start()
         self._server.start()
+        replica_addr = (
+            self._replicas.start(resolve_secret(self.config, self._plane))
+            if self._replicas.enabled
+            else None
+        )
         lease = self._plane.kv.grant_lease(self.config.member_ttl_s)
         self._lease = LeaseKeeper(self._plane.kv, lease).start()
         self._plane.join(
@@ -134,6 +157,7 @@ class MachineAgent:
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "addr": self.config.local_addr,
+                "replica_addr": replica_addr,
                 "ranks": list(self.config.ranks),
                 "started_at": time.time(),
             },
@@ -159,7 +183,7 @@ class MachineAgent:
                 outcome = Outcome(
                     job_failed=self._coordinator.failure(), lease_lost=self._lease_lost()
                 )
-            except (CorruptCheckpointError, StoreError, RecoveryError) as e:
+            except (CorruptCheckpointError, StoreError, RecoveryError, ReplicationError) as e:
                 log.error("generation %d could not load its restore: %s", generation, e)
                 self._reporter.report(
                     generation,
@@ -184,6 +208,7 @@ class MachineAgent:
         self._service.close_generation("agent shutting down")
         self._root.close()
         self._workers.stop()
+        self._replicas.close()
         if self._persister is not None:
             self._persister.close()
         if self._lease is not None:
@@ -214,15 +239,20 @@ class MachineAgent:
         return f"generation {current} replaced {generation}" if current != generation else None
 
     def _begin_generation(self, generation: int) -> None:
+        self._replicas.enter(generation)
+        self._injector.corrupt_replicas(self._replicas.store)
         self._coordinator.publish_inventory(
-            generation, self.config.machine, self._store.inventory()
+            generation, self.config.machine, self._store.inventory(), self._replicas.inventory()
         )
         raw_plan, worker_store = self._coordinator.plan(
             generation, self.config.join_timeout_s, lambda: self._aborted(generation)
         )
         plan = RestorePlan.from_dict(raw_plan)
         dropped = self._store.truncate_after(plan.step if plan.step is not None else -1)
+        members = self._plane.members()
+        self._replicas.learn_addresses(members)
         self._stage(generation, plan)
+        self._replicas.resume(plan.step, members)
         self._service.open_generation(generation, plan)
         self._events.emit(
             events.PLAN,
@@ -245,14 +275,17 @@ class MachineAgent:
 
     def _stage(self, generation: int, plan: RestorePlan) -> None:
         """Bring the plan's step into memory for local ranks that restore from another tier."""
-        staged = stage_plan(self._store, self._persistent, plan, self.config.ranks, self._copier)
-        for rank, seconds in staged.items():
+        fetch = self._replicas.fetch if self._replicas.enabled else None
+        staged = stage_plan(
+            self._store, self._persistent, plan, self.config.ranks, self._copier, fetch
+        )
+        for rank, (source, seconds) in staged.items():
             self._events.emit(
                 events.STAGED,
                 generation=generation,
                 rank=rank,
                 step=plan.step,
-                source=PERSISTENT_TIER,
+                source=source,
                 seconds=seconds,
             )
 
@@ -309,7 +342,7 @@ class MachineAgent:
     def _end_generation(self, generation: int, outcome: Outcome) -> int | None:
         """Stop this generation's workers; return the next generation, or None if the job ends."""
         self._service.close_generation(f"generation {generation} is over")
-        self._stop_workers()
+        stop_after_saves(self._workers, self._store, self.config.ranks, self.config.stop_grace_s)
         if outcome.lease_lost:
             reason = (
                 f"machine {self.config.machine} lost its membership lease "
@@ -327,21 +360,6 @@ class MachineAgent:
         )
         return new
 
-    def _stop_workers(self) -> None:
-        """Let saves already under way commit (bounded), then stop every worker."""
-        deadline = time.monotonic() + self.config.stop_grace_s
-        while time.monotonic() < deadline:
-            if all(self._store.writing_step(r) is None for r in self.config.ranks):
-                break
-            time.sleep(0.01)
-        self._workers.stop()
-        for rank in self.config.ranks:
-            step = self._store.abort_writes(rank)
-            if step is not None:
-                log.warning(
-                    "rank %d was stopped while writing step %d; that slot is discarded", rank, step
-                )
-
     def _give_up(self, reason: str) -> int:
         """End the job for every machine (best effort) and report it."""
         log.error("%s", reason)
@@ -356,21 +374,20 @@ class MachineAgent:
         """Every rank of this machine committed `step`."""
         if self._persister is not None:
             self._persister.offer(step)
+        self._replicas.offer()
         fault = self._injector.machine_fault_due(step, self._root.leading)
-        if fault is not None:
-            self._die(fault, step)
-
-    def _die(self, fault: ResolvedFault, step: int) -> None:
-        """Execute a machine fault: everything on this machine is gone at once."""
-        self._events.emit(
-            events.FAULT_INJECTED,
-            fault=fault.name,
-            rank=-1,
-            step=step,
-            point="machine",
-            pid=os.getpid(),
-            signal="SIGKILL",
-            machine=self.config.machine,
-            root=self._root.leading,
-        )
-        kill_machine(list(self._workers.pids().values()), self.config.shm_dir)
+        if fault is not None and fault.kind == "partition":
+            self._replicas.partition(fault.seconds)
+        elif fault is not None:
+            if fault.kind != "kill-group":
+                # The machine dies once `step` is everywhere it sends it, as in a crash during
+                # the next iteration (bounded: a partitioned peer does not stall it).
+                self._replicas.wait_replicated(step, timeout_s=10.0)
+            kill_machine(
+                self._events.emit,
+                fault,
+                step,
+                (self.config.machine, self._root.leading),
+                list(self._workers.pids().values()),
+                self.config.shm_dir,
+            )

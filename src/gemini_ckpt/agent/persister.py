@@ -12,11 +12,13 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gemini_ckpt.errors import GeminiError
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
+from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.store.local_store import LocalStore
 from gemini_ckpt.store.persistent import PersistentStore
 
@@ -59,7 +61,10 @@ class Persister:
         ranks: range,
         policy: PersistPolicy,
         event_log: EventLog,
+        after_write: Callable[[Manifest, str], None] | None = None,
     ) -> None:
+        self._after_write = after_write
+        """Told each copy written, with its data file (fault injection damages it there)."""
         self._store = store
         self._persistent = persistent
         self._ranks = ranks
@@ -130,5 +135,7 @@ class Persister:
                 slot.readinto(view)
             manifest = ref.manifest
         # Ordering: the slot is free again; the disk write works from the staged copy.
-        self._persistent.write(manifest, view)
+        path = self._persistent.write(manifest, view)
+        if self._after_write is not None:
+            self._after_write(manifest, path)
         return True

@@ -186,7 +186,8 @@ class RootRole:
         if inventories is None:
             return
         persisted = self._persistent.inventory() if self._persistent is not None else None
-        plan = plan_restore(generation, self._config.world_size, inventories, persisted)
+        replicas = self._coordinator.replicas_now(generation)
+        plan = plan_restore(generation, self._config.world_size, inventories, persisted, replicas)
         store = TCPStoreKV.host(self._config.local_addr, 0)
         published = self._plane.publish_plan(
             leadership,

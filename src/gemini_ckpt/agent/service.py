@@ -232,7 +232,7 @@ class TrainerService:
         self._store.commit(rank, request["slot"], manifest)
         conn.writing = None
         self._record_progress(rank, manifest.step, timing)
-        self._injector.after_commit(rank, manifest.step, self.pid(rank))
+        self._injector.after_commit(rank, manifest.step, self.pid(rank), self._store)
         return {}
 
     def _record_progress(self, rank: int, step: int, timing: dict[str, Any]) -> None:

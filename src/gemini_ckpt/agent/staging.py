@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from gemini_ckpt.errors import CorruptCheckpointError, RecoveryError
-from gemini_ckpt.recovery.plan import PERSISTENT_TIER, RestorePlan
+from gemini_ckpt.recovery.plan import PERSISTENT_TIER, RestorePlan, source_peer
 from gemini_ckpt.snapshot.copier import ChunkCopier
 from gemini_ckpt.store.local_store import LocalStore
 from gemini_ckpt.store.persistent import PersistentStore
@@ -49,29 +50,50 @@ def stage_from_persistent(
     return time.monotonic() - started
 
 
+PeerFetch = Callable[[int, int, int], float]
+"""`fetch(rank, step, machine)`: install `rank`'s `step` from `machine`'s replica into this
+machine's memory, verified; returns the seconds taken."""
+
+
 def stage_plan(
     store: LocalStore,
     persistent: PersistentStore | None,
     plan: RestorePlan,
     ranks: range,
     copier: ChunkCopier,
-) -> dict[int, float]:
+    fetch: PeerFetch | None = None,
+) -> dict[int, tuple[str, float]]:
     """Fill the memory of every rank in `ranks` that the plan restores from another tier.
 
-    Returns the seconds each staged rank took.
+    Peers first (they are the faster tier), then the persistent tier. Returns each staged rank's
+    source and the seconds it took.
 
     Raises:
-        RecoveryError: the plan needs the persistent tier and this machine has none.
+        RecoveryError: the plan needs a tier this machine has no access to.
         CorruptCheckpointError: a copy fails verification (it is set aside first).
+        ReplicationError: a peer cannot be reached or refuses.
     """
-    staged = {}
+    staged: dict[int, tuple[str, float]] = {}
+    if plan.step is None:
+        return staged
+    by_peer = {r: source_peer(plan.sources.get(r, "")) for r in ranks}
+    for rank, machine in by_peer.items():
+        if machine is None:
+            continue
+        if fetch is None:
+            raise RecoveryError(
+                f"the plan restores rank {rank} from peer machine {machine}, "
+                "but this agent does not replicate (--replicas 1)"
+            )
+        staged[rank] = (plan.sources[rank], fetch(rank, plan.step, machine))
     for rank in ranks:
-        if plan.step is None or plan.sources.get(rank) != PERSISTENT_TIER:
+        if plan.sources.get(rank) != PERSISTENT_TIER:
             continue
         if persistent is None:
             raise RecoveryError(
                 f"the plan restores rank {rank} from the persistent tier, "
                 "but this machine has no --persist-dir"
             )
-        staged[rank] = stage_from_persistent(store, persistent, rank, plan.step, copier)
+        seconds = stage_from_persistent(store, persistent, rank, plan.step, copier)
+        staged[rank] = (PERSISTENT_TIER, seconds)
     return staged

@@ -9,9 +9,11 @@ description of how each worker ended.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -20,6 +22,9 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std, sta
 from torch.distributed.elastic.multiprocessing.api import PContext
 
 from gemini_ckpt import config as cfg
+from gemini_ckpt.store.local_store import LocalStore
+
+log = logging.getLogger(__name__)
 
 
 class GroupState(str, Enum):
@@ -161,3 +166,22 @@ class WorkerGroup:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def stop_after_saves(workers: WorkerGroup, store: LocalStore, ranks: range, grace_s: float) -> None:
+    """Let saves already under way commit (for at most `grace_s`), then stop every worker.
+
+    A write still open after that is torn: its slot is discarded.
+    """
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if all(store.writing_step(r) is None for r in ranks):
+            break
+        time.sleep(0.01)
+    workers.stop()
+    for rank in ranks:
+        step = store.abort_writes(rank)
+        if step is not None:
+            log.warning(
+                "rank %d was stopped while writing step %d; that slot is discarded", rank, step
+            )

@@ -138,6 +138,13 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         default=_env("PERSIST_KEEP", "2"),
         help="complete persisted steps to keep (default 2)",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=_env("REPLICAS", "2"),
+        help="m: copies of every machine's checkpoint in CPU memory, its own included "
+        "(the other m-1 on peers chosen by group placement; 1: no peer copies)",
+    )
     parser.add_argument("script", help="the training script (as for torchrun)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
 
@@ -183,6 +190,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "job, else this host's address)",
     )
     p.add_argument(
+        "--job-secret-file",
+        default=_env("JOB_SECRET_FILE", ""),
+        help="file with the job's secret (>= 16 bytes, readable by its owner only) that agents "
+        "authenticate each other with (default: $GEMINI_JOB_SECRET, else one shared via etcd)",
+    )
+    p.add_argument(
+        "--replica-port",
+        type=int,
+        default=_env("REPLICA_PORT", "0"),
+        help="TCP port this agent serves replicas on (0: any free port; peers learn it via etcd)",
+    )
+    p.add_argument(
         "--join-store",
         action="store_true",
         help="connect to the job store even on node 0 (a test bed hosts it)",
@@ -212,7 +231,9 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
     if not Path(args.script).is_file():
         raise ConfigError(f"training script {args.script} does not exist")
     specs = [parse_fault(text) for text in args.fault]
-    faults = resolve_faults(specs, args.nnodes, args.nproc_per_node, args.fault_seed)
+    faults = resolve_faults(
+        specs, args.nnodes, args.nproc_per_node, args.fault_seed, args.replicas
+    )
     run_dir = (
         Path(args.run_dir)
         if args.run_dir
@@ -243,6 +264,9 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
         startup_timeout_s=args.startup_timeout,
         member_ttl_s=args.member_ttl,
         local_addr=args.local_addr or _local_addr(args),
+        replicas=args.replicas,
+        replica_port=args.replica_port,
+        job_secret_file=Path(args.job_secret_file) if args.job_secret_file else None,
     )
     return dataclasses.replace(
         config, faults=tuple(f for f in faults if f.targets(config.machine, config.ranks))

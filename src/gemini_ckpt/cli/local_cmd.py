@@ -94,6 +94,7 @@ def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
         "member_ttl_s": args.member_ttl,
         "etcd_members": args.etcd_members,
         "standby": args.standby,
+        "replicas": args.replicas,
     }
     fields.update(overrides)
     return LocalSpec(**fields)  # type: ignore[arg-type]

@@ -58,6 +58,14 @@ _LINES: dict[str, Any] = {
         f"in {_ms(e['seconds']).strip()}"
     ),
     ev.CORRUPT: lambda e: f"!! rank {e['rank']} step {e['step']} refused: {e['detail']}",
+    ev.REPLICA_FETCHED: lambda e: (
+        f"   rank {e['rank']} step {e['step']} pulled from machine {e['machine']}: "
+        f"{e['nbytes'] / 2**20:.1f} MiB in {_ms(e['seconds']).strip()}"
+    ),
+    ev.REPLICA_REJECTED: lambda e: (
+        f"!! machine {e['machine']} refused rank {e['rank']} step {e['step']} from a peer: "
+        f"{e['reason']}"
+    ),
 }
 
 

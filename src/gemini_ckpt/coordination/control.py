@@ -108,6 +108,18 @@ class ControlPlane:
         # Not "machines": the root's record already uses that name for the incident's machines.
         return {**out, "parts": parts}
 
+    def shared_secret(self, candidate: bytes) -> bytes:
+        """The job's replication secret kept in etcd: `candidate` if this call created it.
+
+        Only a fallback for jobs started without a secret of their own: whoever can read the
+        job's keys in etcd can then authenticate as one of its agents.
+        """
+        self.kv.compare_set(self.key("secret"), None, candidate.hex().encode())
+        stored = self.kv.get(self.key("secret"))
+        if stored is None:
+            raise CoordinationError("the job's shared secret vanished from etcd")
+        return bytes.fromhex(stored.decode())
+
     def claim_fault(self, name: str) -> bool:
         """True for exactly one caller per job and fault `name` (faults fire once per job)."""
         return self.kv.compare_set(self.key(f"faults/{name}"), None, b"fired")

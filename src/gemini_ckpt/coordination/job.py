@@ -9,6 +9,8 @@ Keys (under `gemini/<job>/`):
     generation                     the current generation (an integer)
     gen<g>/reason/m<i>             why agent i asked for generation g
     gen<g>/inventory/m<i>          steps held per rank on machine i, at the start of generation g
+    gen<g>/replicas/m<i>           steps of other machines' ranks held as replicas by machine i
+                                   (written before its inventory)
     gen<g>/plan                    the restore plan of generation g (written by the leader)
     gen<g>/worker_store            where generation g's workers rendezvous
     gen<g>/committed/<step>        how many machines have every local rank's `step` committed
@@ -141,15 +143,22 @@ class JobCoordinator:
     # -- restore plan ----------------------------------------------------------------------------
 
     def publish_inventory(
-        self, generation: int, machine: int, inventory: dict[int, list[int]]
+        self,
+        generation: int,
+        machine: int,
+        inventory: dict[int, list[int]],
+        replicas: dict[int, list[int]] | None = None,
     ) -> None:
-        """Record which steps this machine holds for each of its ranks.
+        """Record which steps this machine holds for each of its ranks, and of its peers' ranks.
 
-        Retried while etcd is away, for up to a minute.
+        The replicas go first: a reader that sees the inventory sees them too. Retried while etcd
+        is away, for up to a minute.
         """
         value = {str(r): s for r, s in inventory.items()}
+        held = {str(r): s for r, s in (replicas or {}).items()}
 
         def put() -> bool:
+            self._set_json(f"gen{generation}/replicas/m{machine}", held)
             self._set_json(f"gen{generation}/inventory/m{machine}", value)
             return True
 
@@ -163,6 +172,15 @@ class JobCoordinator:
             if raw is None:
                 return None
             out[m] = {int(r): [int(s) for s in steps] for r, steps in raw.items()}
+        return out
+
+    def replicas_now(self, generation: int) -> dict[int, dict[int, list[int]]]:
+        """The replicas each machine that published its inventory holds (rank -> steps)."""
+        out = {}
+        for m in range(self.machines):
+            raw = self._get_json(f"gen{generation}/replicas/m{m}")
+            if raw is not None:
+                out[m] = {int(r): [int(s) for s in steps] for r, steps in raw.items()}
         return out
 
     def has_plan(self, generation: int) -> bool:

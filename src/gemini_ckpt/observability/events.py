@@ -36,6 +36,12 @@ RESTORED = "restored"
 CORRUPT = "corrupt_checkpoint"
 JOB_FINISHED = "job_finished"
 STANDBY_ASSIGNED = "standby_assigned"
+REPLICA_FETCHED = "replica_fetched"
+"""A rank's checkpoint was pulled from a peer's replica before its trainer started."""
+REPLICA_REJECTED = "replica_rejected"
+"""This machine refused a peer's push (a chunk failed verification, no memory, ...)."""
+PARTITIONED = "partitioned"
+"""The partition fault cut this machine's replication off for a while."""
 
 
 class EventLog:

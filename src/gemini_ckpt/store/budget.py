@@ -2,7 +2,11 @@
 
 Both kinds of slots live in the same /dev/shm and count against the same `--memory-limit`, so the
 stores that hold them reserve through one `MemoryBudget`. A holder is a label such as
-"own rank 3" or "replica of rank 5"; its reservation is replaced, never added to.
+"own rank 3" or "replica rank 5"; its reservation is replaced, never added to.
+
+With m copies of every checkpoint, each machine will also hold m - 1 peers' shards, about as
+large as its own in a data-parallel job. The budget checks that when the trainers first size their
+slots, so a too-large m is an error at start-up rather than replicas refused later.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from gemini_ckpt.errors import MemoryBudgetError
 class MemoryBudget:
     """Bytes reserved per holder against a fixed limit; thread-safe."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, copies: int = 1) -> None:
         self.limit = limit
+        self.copies = copies
+        """m: each own byte is expected to come with m - 1 replica bytes from peers."""
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -35,6 +41,15 @@ class MemoryBudget:
                     f"{what}; this machine's checkpoint memory budget is {format_size(self.limit)}"
                     f" and {_describe(others)} is already held "
                     "(raise --memory-limit, lower --replicas or shrink the state)"
+                )
+            own = nbytes + sum(n for h, n in others.items() if h.startswith("own"))
+            if holder.startswith("own") and own * self.copies > self.limit:
+                raise MemoryBudgetError(
+                    f"{what}; with --replicas {self.copies} this machine also holds "
+                    f"{self.copies - 1} peer cop{'y' if self.copies == 2 else 'ies'} of about as "
+                    f"much: {format_size(own * self.copies)} in all, over its checkpoint memory "
+                    f"budget of {format_size(self.limit)} (raise --memory-limit, lower --replicas "
+                    "or shrink the state)"
                 )
             self._held[holder] = nbytes
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,8 @@ class LocalSpec:
     """An existing etcd cluster (HOST:PORT,...); empty: start a private one for the job."""
     standby: int = 0
     """Warm standby agents kept waiting to replace lost machines (started ahead of need)."""
+    replicas: int = 2
+    """m: copies of each machine's checkpoint in CPU memory (see `AgentConfig.replicas`)."""
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,6 +84,7 @@ class LocalSpec:
             self.machines,
             self.nproc_per_machine,
             self.fault_seed,
+            self.replicas,
         )
 
 
@@ -168,6 +172,10 @@ class LocalTestbed:
             str(spec.startup_timeout_s),
             "--member-ttl",
             str(spec.member_ttl_s),
+            "--replicas",
+            str(spec.replicas),
+            "--job-secret-file",
+            str(self.run_dir / "job.secret"),
         ]
         if spec.memory_limit:
             command += ["--memory-limit", spec.memory_limit]
@@ -191,6 +199,10 @@ class LocalTestbed:
     def start(self) -> None:
         """Host the job store and start one agent process per machine."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # The agents authenticate each other with it; only this user may read it.
+        fd = os.open(self.run_dir / "job.secret", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_hex(32).encode())
         etcd = self.spec.etcd
         if not etcd:
             # The job's own etcd, as a real cluster would have one; gone with the job.
@@ -205,6 +217,7 @@ class LocalTestbed:
                 self.spec.machines,
                 self.spec.nproc_per_machine,
                 self.spec.fault_seed,
+                self.spec.replicas,
             )
             self._events.start()
             self._etcd_faults = EtcdFaults(
