@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from gemini_ckpt.protocol.manifest import Manifest, TensorEntry
 from gemini_ckpt.snapshot.copier import digest
 from gemini_ckpt.store import shm
@@ -15,7 +17,8 @@ CHUNK = 64 << 10
 
 def payload(nbytes: int, seed: int) -> bytes:
     """Deterministic bytes that differ from seed to seed."""
-    return bytes((i * 7 + seed * 13 + (i >> 9)) % 251 for i in range(nbytes))
+    index = np.arange(nbytes, dtype=np.int64)
+    return ((index * 7 + seed * 13 + (index >> 9)) % 251).astype(np.uint8).tobytes()
 
 
 def commit(

@@ -99,6 +99,19 @@ def test_the_replica_keeps_the_two_newest_steps_and_the_link_is_reused(machines)
     assert read(machines.replicas, 0, 3) == payload(SIZE, 3)
 
 
+def test_pushing_a_checkpoint_the_peer_holds_again_sends_nothing(machines):
+    ref = commit(machines.own, 0, 1, payload(SIZE, 1))
+    with machines.link() as link:
+        assert link.push(machines.own, ref, 0).ok
+        again = link.push(machines.own, ref, 0)  # a retry, or after a recovery reset
+    assert (again.status, again.nbytes, again.reason) == (
+        PushStatus.REPLICATED,
+        0,
+        "the peer already held it",
+    )
+    assert machines.replicas.inventory() == {0: [1]}
+
+
 def test_a_chunk_corrupted_in_flight_is_rejected_and_the_previous_replica_stays(machines, caplog):
     with machines.link() as link:
         assert link.push(machines.own, commit(machines.own, 0, 1, payload(SIZE, 1)), 0).ok
@@ -234,6 +247,19 @@ def test_a_corrupt_replica_fails_the_fetch_and_is_discarded_at_the_peer(machines
     assert machines.restored.locate(0, 1) is None
     assert machines.restored.writing_step(0) is None
     assert "found it corrupt" in caplog.text
+
+
+def test_a_replica_rewritten_while_being_fetched_is_not_taken_for_corrupt(machines, monkeypatch):
+    ref = commit(machines.own, 0, 1, payload(SIZE, 1))
+    with machines.link() as link:
+        assert push_replica(link, machines.own, ref, 0).ok
+    flip_byte(machines.replicas.locate(0, 1), 5)  # torn by the rewrite...
+    monkeypatch.setattr(machines.replicas, "unchanged", lambda ref: False)  # ...which it sees
+    with pytest.raises(ReplicationError, match="no longer holds that step") as raised:
+        fetch_replica(machines.server.address, machines.credentials, 0, 1, machines.restored)
+    assert not isinstance(raised.value, CorruptCheckpointError)
+    assert machines.replicas.inventory() == {0: [1]}  # no DISCARD was sent
+    assert machines.restored.locate(0, 1) is None
 
 
 def test_a_wrong_secret_can_neither_push_nor_fetch(machines, caplog):

@@ -14,17 +14,23 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gemini_ckpt.errors import CorruptCheckpointError, GeminiError, ReplicationError
 from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.replication import wire
 from gemini_ckpt.replication.auth import Credentials
-from gemini_ckpt.replication.connection import Timeouts, call, connect, expect_ok
+from gemini_ckpt.replication.connection import Timeouts, call, connect
+from gemini_ckpt.replication.mapping import mapped_range
 from gemini_ckpt.snapshot.copier import digest
 from gemini_ckpt.store.local_store import LocalStore, SlotRef
 
 log = logging.getLogger(__name__)
+
+
+class _Rewritten(ReplicationError):
+    """The peer's slot was rewritten while it was being sent: the step is gone there."""
 
 
 @dataclass(frozen=True)
@@ -120,8 +126,8 @@ class ReplicaClient:
     def fetch(self, rank: int, step: int, into: LocalStore, streams: int = 4) -> FetchResult:
         """Retrieve `rank`'s `step` into `into` (see the module docstring).
 
-        Whatever `into` held for the rank is forgotten first (`LocalStore.install`); on failure
-        the rank holds nothing there.
+        Whatever `into` held for the rank is forgotten first, as `LocalStore.install` does; on
+        failure the rank holds nothing there.
 
         Raises:
             ReplicationError: the peer is unreachable, does not hold the step, or a connection
@@ -132,11 +138,17 @@ class ReplicaClient:
         started = time.monotonic()
         manifest, kind = self.manifest(rank, step)
         parts = _split(manifest.num_chunks, max(1, streams))
+        path, slot = _begin_install(into, manifest)
         try:
-            ref = into.install(manifest, lambda view: self._pull(manifest, parts, view))
+            self._pull(manifest, parts, path)
+            # Ordering: every chunk is in place and verified before the manifest commits it.
+            into.commit(rank, slot, manifest)
         except GeminiError:
             into.abort_write(rank, step)
             raise
+        ref = into.locate(rank, step)
+        if ref is None:
+            raise ReplicationError(f"rank {rank} step {step} vanished right after its fetch")
         seconds = time.monotonic() - started
         log.info(
             "fetched rank %d step %d (%d bytes) from %s over %d streams in %.3f s",
@@ -150,15 +162,15 @@ class ReplicaClient:
         source = f"{self.where} ({kind})"
         return FetchResult(rank, step, source, manifest.data_nbytes, seconds, len(parts), ref)
 
-    def _pull(self, manifest: Manifest, parts: list[range], view: memoryview) -> None:
-        """Run the streams into `view`; raise after all ended if any failed."""
+    def _pull(self, manifest: Manifest, parts: list[range], path: Path) -> None:
+        """Run one stream per part into the slot file `path`; raise once all ended if one failed."""
         errors: list[GeminiError] = []
         bad: list[int] = []
         stop = threading.Event()
         threads = [
             threading.Thread(
                 target=self._stream,
-                args=(manifest, part, view, (errors, bad, stop)),
+                args=(manifest, part, path, (errors, bad, stop)),
                 name=f"gemini-fetch-{manifest.rank}-{i}",
                 daemon=True,
             )
@@ -167,7 +179,10 @@ class ReplicaClient:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            thread.join()  # bounded: every send and receive of a stream has the i/o timeout
+        rewritten = [e for e in errors if isinstance(e, _Rewritten)]
+        if rewritten:  # bytes that changed under the peer's sender are torn, not corrupt
+            raise rewritten[0]
         if bad:
             self._report_corrupt(manifest, sorted(bad))
         if errors:
@@ -177,7 +192,7 @@ class ReplicaClient:
         self,
         manifest: Manifest,
         part: range,
-        view: memoryview,
+        path: Path,
         outcome: tuple[list[GeminiError], list[int], threading.Event],
     ) -> None:
         errors, bad, stop = outcome
@@ -188,11 +203,18 @@ class ReplicaClient:
             stop.set()
             return
         try:
-            self._receive(sock, manifest, part, view, (bad, stop))
+            rank, step = manifest.rank, manifest.step
+            request = {"op": "fetch", "rank": rank, "step": step}
+            call(sock, self.where, {**request, "first_chunk": part[0], "last_chunk": part[-1]})
+            # Each stream maps (and unmaps) only its own part: the pages of all parts get mapped
+            # in parallel, while the peer already sends, instead of one after the other first.
+            start, end = manifest.chunk_range(part[0])[0], manifest.chunk_range(part[-1])[1]
+            with mapped_range(path, start, end, writable=True) as view:
+                self._receive(sock, manifest, part, (view, start), (bad, stop))
         except (wire.WireError, OSError) as e:
             errors.append(ReplicationError(f"peer {self.where} broke a fetch stream: {e}"))
             stop.set()
-        except ReplicationError as e:
+        except GeminiError as e:
             errors.append(e)
             stop.set()
         finally:
@@ -203,13 +225,12 @@ class ReplicaClient:
         sock: socket.socket,
         manifest: Manifest,
         part: range,
-        view: memoryview,
+        into: tuple[memoryview, int],
         progress: tuple[list[int], threading.Event],
     ) -> None:
-        bad, stop = progress
+        """Receive the chunks of `part` into `into` (a view and the byte offset it starts at)."""
+        (view, base), (bad, stop) = into, progress
         rank, step = manifest.rank, manifest.step
-        request = {"op": "fetch", "rank": rank, "step": step}
-        call(sock, self.where, {**request, "first_chunk": part[0], "last_chunk": part[-1]})
         for index in part:
             if stop.is_set():
                 return
@@ -220,10 +241,20 @@ class ReplicaClient:
                 raise wire.WireError(f"expected chunk {index}, got {str(header)[:200]}")
             if wire.payload_size(header) != end - start:
                 raise wire.WireError(f"chunk {index} is not {end - start} bytes: {header}")
-            wire.recv_exact_into(sock, view[start:end])
-            if digest(view[start:end]) != manifest.chunk_digests[index]:
+            chunk = view[start - base : end - base]
+            wire.recv_exact_into(sock, chunk)
+            if digest(chunk) != manifest.chunk_digests[index]:
                 bad.append(index)
-        expect_ok(sock, self.where, f"fetch of rank {rank} step {step}")
+        reply = wire.recv_header(sock)
+        if reply is not None and reply.get("rewritten"):
+            raise _Rewritten(
+                f"peer {self.where} rewrote rank {rank} step {step} while sending it, so it "
+                "no longer holds that step"
+            )
+        if reply is None or reply.get("ok") is not True:
+            raise ReplicationError(
+                f"peer {self.where} ended the fetch of rank {rank} step {step}: {reply}"
+            )
 
     def _report_corrupt(self, manifest: Manifest, bad: list[int]) -> None:
         rank, step = manifest.rank, manifest.step
@@ -255,6 +286,26 @@ def fetch_replica(
     See `ReplicaClient.fetch`, which this is with the default timeouts.
     """
     return ReplicaClient(endpoint, credentials).fetch(rank, step, into, streams)
+
+
+def _begin_install(into: LocalStore, manifest: Manifest) -> tuple[Path, int]:
+    """What `LocalStore.install` does before filling: the rank's old steps go, a write begins.
+
+    Done here with the store's public calls because `install` maps the whole slot in one thread
+    (about 90 ms per GiB, plus 45 ms to unmap it) before a byte may arrive; the streams map their
+    own parts instead. Returns the slot's file and index.
+
+    Raises:
+        MemoryBudgetError: the slots do not fit this machine's budget.
+        StoreError: the slots cannot be prepared.
+    """
+    rank = manifest.rank
+    into.allocate(rank, manifest.data_nbytes)
+    for held in into.inventory().get(rank, []):
+        into.drop(rank, held)
+    into.abort_writes(rank)
+    grant = into.prepare_write(rank, manifest.step)
+    return into.begin_write(rank, grant), grant.slot
 
 
 def _split(chunks: int, parts: int) -> list[range]:

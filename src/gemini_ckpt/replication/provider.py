@@ -4,7 +4,8 @@
     us -> peer   {"ok": true, "source"} + manifest JSON
     peer -> us   {"op": "fetch", rank, step, first_chunk, last_chunk}        (inclusive range)
     us -> peer   {"ok": true}, then {"op": "chunk", rank, step, index, digest} + bytes per chunk,
-                 then {"ok": true} if the slot was not rewritten meanwhile, else {"ok": false}
+                 then {"ok": true} if the slot was not rewritten meanwhile,
+                 else {"ok": false, "rewritten": true}
     peer -> us   {"op": "discard", rank, step}       (the fetcher found our copy corrupt)
     us -> peer   {"ok": true, "dropped"}
     peer -> us   {"op": "holdings"}
@@ -13,7 +14,7 @@
 Slots are read without holding them (`LocalStore.unchanged` afterwards instead of `reading()`), so a
 fetch never delays a trainer's save or a peer's push; a slot rewritten mid-read ends the fetch with
 an error instead of the final ok, and the fetcher's checksums would catch the torn bytes anyway.
-Each fetch maps only the pages of its own chunk range.
+Slot files are mapped once and the mappings reused by every later fetch.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from gemini_ckpt.errors import ReplicationError, StoreError
 from gemini_ckpt.replication import wire
-from gemini_ckpt.replication.mapping import mapped_range
+from gemini_ckpt.replication.mapping import SlotMappings
 from gemini_ckpt.store.local_store import LocalStore, SlotRef
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,11 @@ class ReplicaProvider:
 
     def __init__(self, replicas: LocalStore, own: LocalStore | None = None) -> None:
         self._stores = {"replica": replicas, **({"own": own} if own is not None else {})}
+        self._mappings = SlotMappings(writable=False)
+
+    def close(self) -> None:
+        """Unmap the slots read so far (after the last fetch ended)."""
+        self._mappings.close()
 
     def _find(self, rank: int, step: int) -> tuple[str, LocalStore, SlotRef]:
         for kind, store in self._stores.items():
@@ -106,21 +112,19 @@ class ReplicaProvider:
                 f"asked for chunks {first}..{last} of rank {rank} step {step}, which has "
                 f"{manifest.num_chunks} chunks"
             )
-        start, end = manifest.chunk_range(first)[0], manifest.chunk_range(last)[1]
         try:
-            with mapped_range(ref.path, start, end) as (view, base):
-                wire.send(sock, {"ok": True, "source": kind})
-                for index in range(first, last + 1):
-                    lo, hi = manifest.chunk_range(index)
-                    digest = manifest.chunk_digests[index]
-                    frame = {"op": "chunk", "rank": rank, "step": step, "index": index}
-                    wire.send(sock, {**frame, "digest": digest}, view[lo - base : hi - base])
-        except StoreError as e:  # raised before the first reply: the slot file is gone
+            view = self._mappings.view(ref.path, manifest.data_nbytes)
+        except StoreError as e:
             raise FetchRefused(str(e)) from e
+        wire.send(sock, {"ok": True, "source": kind})
+        for index in range(first, last + 1):
+            lo, hi = manifest.chunk_range(index)
+            digest = manifest.chunk_digests[index]
+            frame = {"op": "chunk", "rank": rank, "step": step, "index": index}
+            wire.send(sock, {**frame, "digest": digest}, view[lo:hi])
         if store.unchanged(ref):
             wire.send(sock, {"ok": True})
             return
         log.info("rank %d step %d was rewritten while %s fetched it", rank, step, where)
-        wire.send(
-            sock, wire.error_header(f"rank {rank} step {step} was rewritten while being sent")
-        )
+        message = f"rank {rank} step {step} was rewritten while being sent"
+        wire.send(sock, {**wire.error_header(message), "rewritten": True})

@@ -4,6 +4,7 @@ One push on one connection:
 
     peer -> us   {"op": "push", rank, step, generation} + manifest JSON
     us -> peer   {"ok": true}  (slot granted)  or  {"ok": false, "error"}  (refused; nothing sent)
+                 or  {"ok": true, "held": true}  (that very checkpoint is held already: done)
     peer -> us   {"op": "chunk", rank, step, index, digest} + chunk bytes   (each chunk, in order)
     peer -> us   {"op": "commit"}  or, at any point,  {"op": "abort", "reason"}
     us -> peer   {"ok": true}  or  {"ok": false, "error"}
@@ -28,8 +29,8 @@ from typing import Any
 from gemini_ckpt.errors import CorruptCheckpointError, GeminiError, MemoryBudgetError
 from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.replication import wire
+from gemini_ckpt.replication.mapping import SlotMappings
 from gemini_ckpt.snapshot.copier import digest
-from gemini_ckpt.store import shm
 from gemini_ckpt.store.local_store import LocalStore
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class _Write:
     manifest: Manifest
     generation: int
     slot: int
-    region: shm.MappedRegion
+    view: memoryview
     checks: list[Future[bool]]
     rejected: list[str]
 
@@ -65,6 +66,11 @@ class PushReceiver:
         self._current_generation = current_generation
         self._lock = threading.Lock()
         self._over_budget: set[int] = set()
+        self._mappings = SlotMappings(writable=True)
+
+    def close(self) -> None:
+        """Unmap the replica slots (after the last push ended)."""
+        self._mappings.close()
 
     def handle(self, sock: socket.socket, where: str, header: dict[str, Any]) -> None:
         """Receive one push whose header was just read; reply to it.
@@ -78,21 +84,23 @@ class PushReceiver:
         manifest_json = wire.recv_bytes(sock, wire.payload_size(header), wire.MAX_MANIFEST)
         try:
             write = self._open(rank, step, wire.field(header, "generation", int), manifest_json)
-        except (PushRefused, GeminiError) as e:
+        except GeminiError as e:
             self._log_refusal(rank, step, where, e)
             wire.send(sock, wire.error_header(str(e)))
+            return
+        if write is None:
+            wire.send(sock, {"ok": True, "held": True})
             return
         committed = False
         try:
             wire.send(sock, {"ok": True})
             committed = self._receive(sock, where, write)
         finally:
-            write.region.close()
             if not committed:
                 self._replicas.abort_write(rank, step)
 
-    def _open(self, rank: int, step: int, generation: int, manifest_json: bytes) -> _Write:
-        """Check the push and grant it a slot, mapped for writing."""
+    def _open(self, rank: int, step: int, generation: int, manifest_json: bytes) -> _Write | None:
+        """Check the push and grant it a slot, mapped for writing; None if already held."""
         current = self._current_generation()
         if generation != current:
             raise PushRefused(
@@ -105,17 +113,20 @@ class PushReceiver:
                 f"manifest of job {manifest.job!r} rank {manifest.rank} step {manifest.step} sent "
                 f"as job {self._job!r} rank {rank} step {step}"
             )
+        held = self._replicas.locate(rank, step)
+        if held is not None and held.manifest.chunk_digests == manifest.chunk_digests:
+            return None  # a retry, or a sender that lost track after a recovery: nothing to do
         self._replicas.allocate(rank, manifest.data_nbytes)
         grant = self._replicas.prepare_write(rank, step)
         path = self._replicas.begin_write(rank, grant)
         try:
-            region = shm.map_file(path, manifest.data_nbytes, writable=True)
+            view = self._mappings.view(path, manifest.data_nbytes)
         except GeminiError:
             self._replicas.abort_write(rank, step)
             raise
         with self._lock:
             self._over_budget.discard(rank)
-        return _Write(manifest, generation, grant.slot, region, [], [])
+        return _Write(manifest, generation, grant.slot, view, [], [])
 
     def _log_refusal(self, rank: int, step: int, where: str, error: Exception) -> None:
         if isinstance(error, MemoryBudgetError):
@@ -130,7 +141,7 @@ class PushReceiver:
     def _receive(self, sock: socket.socket, where: str, write: _Write) -> bool:
         """Receive the chunks and the sender's verdict; True once the replica is committed."""
         manifest = write.manifest
-        view = write.region.view()
+        view = write.view
         with ThreadPoolExecutor(1, thread_name_prefix="gemini-replica-verify") as verifier:
             for index in range(manifest.num_chunks):
                 header = self._next(sock, where)

@@ -27,7 +27,7 @@ from gemini_ckpt.errors import ConfigError, GeminiError, ReplicationError
 from gemini_ckpt.replication import wire
 from gemini_ckpt.replication.auth import AuthenticationError, Credentials
 from gemini_ckpt.replication.connection import Timeouts, call, connect, expect_ok
-from gemini_ckpt.replication.mapping import mapped_range
+from gemini_ckpt.replication.mapping import SlotMappings
 from gemini_ckpt.store.local_store import LocalStore, SlotRef
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class PeerLink:
         self._last_error = ""
         self._lock = threading.Lock()
         self._closed = False
+        self._mappings = SlotMappings(writable=False)
 
     def close(self) -> None:
         """Close the connection; later pushes report the link closed."""
@@ -127,6 +128,7 @@ class PeerLink:
                 sock.shutdown(socket.SHUT_RDWR)
         with self._lock:
             self._drop()
+            self._mappings.close()
 
     def __enter__(self) -> PeerLink:
         return self
@@ -146,7 +148,10 @@ class PeerLink:
 
         `generation` is the job's generation the push belongs to (the peer refuses any other).
         `corrupt_chunk` is a fault-injection hook: that chunk's bytes get one bit flipped after
-        its digest was taken, so the peer must reject the push.
+        its digest was taken, so the peer must reject the push. Never raises for the peer's
+        sake: every outcome is a `PushResult`. Blocks for at most the connect timeout when the
+        link must reconnect, not at all while backing off, and otherwise for as long as the
+        bytes take (each send or receive bounded by the i/o timeout).
         """
         started = time.monotonic()
         with self._lock:
@@ -161,8 +166,8 @@ class PeerLink:
             sent,
             time.monotonic() - started,
         )
-        if status is PushStatus.REFUSED:
-            log.warning("push refused: %s", result.describe())
+        # The caller logs failures when they start and end; per push is too often for a warning.
+        log.debug("push: %s", result.describe())
         return result
 
     def _push(
@@ -198,21 +203,25 @@ class PeerLink:
         manifest = ref.manifest
         if not store.unchanged(ref):
             return PushStatus.SKIPPED, "the source slot was overwritten before the push", 0
-        with mapped_range(ref.path, 0, manifest.data_nbytes) as (view, _):
-            head = {"op": "push", "rank": ref.rank, "step": manifest.step}
-            call(sock, self.where, {**head, "generation": generation}, manifest.to_json().encode())
-            for index in range(manifest.num_chunks):
-                start, end = manifest.chunk_range(index)
-                payload = view[start:end]
-                frame = {"op": "chunk", "rank": ref.rank, "step": manifest.step, "index": index}
-                frame["digest"] = manifest.chunk_digests[index]
-                wire.send(sock, frame, _flipped(payload) if index == corrupt_chunk else payload)
-                progress[0] += end - start
-                if not store.unchanged(ref):
-                    reason = f"the source slot was overwritten after chunk {index}"
-                    wire.send(sock, {"op": "abort", "reason": reason})
-                    expect_ok(sock, self.where, "abort")
-                    return PushStatus.SKIPPED, reason, progress[0]
+        view = self._mappings.view(ref.path, manifest.data_nbytes)
+        head = {"op": "push", "rank": ref.rank, "step": manifest.step}
+        reply = call(
+            sock, self.where, {**head, "generation": generation}, manifest.to_json().encode()
+        )
+        if reply.get("held"):
+            return PushStatus.REPLICATED, "the peer already held it", 0
+        for index in range(manifest.num_chunks):
+            start, end = manifest.chunk_range(index)
+            payload = view[start:end]
+            frame = {"op": "chunk", "rank": ref.rank, "step": manifest.step, "index": index}
+            frame["digest"] = manifest.chunk_digests[index]
+            wire.send(sock, frame, _flipped(payload) if index == corrupt_chunk else payload)
+            progress[0] += end - start
+            if not store.unchanged(ref):
+                reason = f"the source slot was overwritten after chunk {index}"
+                wire.send(sock, {"op": "abort", "reason": reason})
+                expect_ok(sock, self.where, "abort")
+                return PushStatus.SKIPPED, reason, progress[0]
         call(sock, self.where, {"op": "commit"})
         return PushStatus.REPLICATED, "", progress[0]
 

@@ -140,6 +140,8 @@ class ReplicaServer:
         for thread in [self._accept_thread, *conns.values()]:
             if thread is not None:
                 thread.join(timeout_s)
+        self._receiver.close()
+        self._provider.close()
 
     def __enter__(self) -> ReplicaServer:
         self.start()

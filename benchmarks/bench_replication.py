@@ -1,0 +1,362 @@
+"""Replication and retrieval throughput between two agents' processes, next to raw TCP.
+
+Two processes on loopback stand for two machines. This one is the source: its own store holds a
+committed checkpoint of each size (random bytes, `--chunk-size` chunks with xxh3 digests). The
+other is its placement peer: a `ReplicaServer` over a replica store, plus a plain TCP endpoint.
+Each repeat, interleaved, per size:
+
+* raw push: the same number of bytes sent from a warm buffer here and received into a warm buffer
+  there, one `sendall` / `recv_into` per chunk-sized piece, with the same socket options and buffer
+  sizes, over a fresh plain connection: the limit for (a). (One `sendall` of the whole buffer
+  was measured too: it is markedly slower on this machine, so it would flatter the ratios.)
+* replication (a): `PeerLink.push` of the checkpoint, from its slot to the peer's replica store:
+  authenticated connection (kept open across repeats, as the agent does), chunk frames, the
+  receiver's digest verification and commit;
+* raw fetch: the same bytes in the other direction: the limit for (b);
+* retrieval (b): `fetch_replica` of that replica back into a third store here, over `--streams`
+  parallel connections: new authenticated connections, the manifest, verification, commit.
+
+Ratios are throughput ratios (raw seconds / measured seconds) taken within each repeat; JSON holds
+min and median of every measurement and ratio.
+
+    python benchmarks/bench_replication.py --sizes 64MiB,256MiB,1GiB --repeats 3 \
+        --out docs/results/replication.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gemini_ckpt.config import parse_size, shm_root
+from gemini_ckpt.protocol.manifest import Manifest, TensorEntry
+from gemini_ckpt.replication import (
+    Credentials,
+    PeerLink,
+    ReplicaServer,
+    ServerSettings,
+    fetch_replica,
+    load_secret,
+    new_secret,
+    wire,
+)
+from gemini_ckpt.snapshot.copier import ChunkCopier
+from gemini_ckpt.store import shm
+from gemini_ckpt.store.local_store import LocalStore, SlotRef
+
+JOB = "bench-replication"
+GOALS = {"retrieval_vs_raw_min": 0.70}
+MEASURES = ("raw_push_s", "push_s", "raw_fetch_s", "fetch_s")
+WARMUP = 2
+
+
+def stats(samples: list[float]) -> dict[str, Any]:
+    """Min, median and every sample."""
+    return {"min": min(samples), "median": statistics.median(samples), "samples": samples}
+
+
+# -- the peer process -----------------------------------------------------------------------------
+
+
+def move(sock: socket.socket, buffer: memoryview, piece: int, send: bool) -> None:
+    """Send or receive all of `buffer`, one `piece` per call (as chunks travel)."""
+    for offset in range(0, len(buffer), piece):
+        part = buffer[offset : offset + piece]
+        if send:
+            sock.sendall(part)
+        else:
+            wire.recv_exact_into(sock, part)
+
+
+def serve_raw(listener: socket.socket, buffer: memoryview) -> None:
+    """Plain TCP: op (S: we receive, F: we send), 8-byte size, 8-byte piece; an ack byte after."""
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            header = conn.recv(17, socket.MSG_WAITALL)
+            if len(header) < 17:
+                continue
+            nbytes, piece = int.from_bytes(header[1:9], "big"), int.from_bytes(header[9:], "big")
+            move(conn, buffer[:nbytes], piece, send=header[:1] == b"F")
+            if header[:1] == b"S":
+                conn.sendall(b"k")
+            else:
+                conn.recv(1)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """The peer: a replica server and a raw endpoint until stdin closes."""
+    credentials = Credentials(JOB, load_secret(Path(args.secret_file), {}))
+    directory = Path(tempfile.mkdtemp(prefix="bench-peer-", dir=args.shm_dir))
+    replicas = LocalStore(directory / "replicas", 1 << 50, kind="replica")
+    replicas.start()
+    buffer = memoryview(bytearray(args.raw_bytes))
+    listener = socket.socket()
+    wire.tune(listener, parse_size(args.socket_buffer))
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    threading.Thread(target=serve_raw, args=(listener, buffer), daemon=True).start()
+    settings = ServerSettings(buffer_bytes=parse_size(args.socket_buffer))
+    server = ReplicaServer(credentials, replicas, lambda: 0, settings=settings)
+    try:
+        address = server.start()
+        print(json.dumps({"replica": address, "raw": listener.getsockname()}), flush=True)
+        sys.stdin.read()
+    finally:
+        server.close()
+        replicas.close()
+        directory.rmdir()
+
+
+# -- the source process ---------------------------------------------------------------------------
+
+
+class Source:
+    """This machine's own store with one rank's checkpoint, committed under a new step on demand.
+
+    Both slots are filled with the same bytes once; later steps reuse them, so a new step costs a
+    commit, not a copy.
+    """
+
+    def __init__(self, store: LocalStore, rank: int, data: np.ndarray, chunk_size: int) -> None:
+        self.store = store
+        self.rank = rank
+        self.buffer = memoryview(data)  # the raw transfers' bytes: warm, just written
+        self.nbytes = int(data.nbytes)
+        self.chunk_size = chunk_size
+        copier = ChunkCopier(2)
+        self.digests = tuple(copier.digests(chunk_size, memoryview(data)))  # type: ignore[arg-type]
+        copier.close()
+        self.step = 0
+        store.allocate(rank, self.nbytes)
+        for _ in range(2):
+            self.commit(data)
+
+    def commit(self, data: np.ndarray | None = None) -> SlotRef:
+        """Commit the next step; write `data` into its slot first if given."""
+        self.step += 1
+        grant = self.store.prepare_write(self.rank, self.step)
+        path = self.store.begin_write(self.rank, grant)
+        if data is not None:
+            region = shm.map_file(path, self.nbytes, writable=True)
+            region.tensor.copy_(torch.from_numpy(data))
+            region.close()
+        manifest = Manifest(
+            job=JOB,
+            rank=self.rank,
+            world_size=self.rank + 1,
+            step=self.step,
+            generation=0,
+            chunk_size=self.chunk_size,
+            data_nbytes=self.nbytes,
+            chunk_digests=self.digests,
+            entries=(TensorEntry("uint8", (self.nbytes,), 0, self.nbytes),),
+            tensor_refs=(0,),
+            skeleton={"__tensor__": 0},
+        )
+        self.store.commit(self.rank, grant.slot, manifest)
+        ref = self.store.locate(self.rank, self.step)
+        if ref is None:
+            raise RuntimeError(f"step {self.step} vanished right after its commit")
+        return ref
+
+
+def raw(address: tuple[str, int], op: bytes, source: Source, socket_buffer: int) -> float:
+    """Seconds to move the checkpoint's size over a fresh plain connection (S: to the peer)."""
+    buffer, piece = source.buffer, source.chunk_size
+    with socket.socket() as sock:
+        wire.tune(sock, socket_buffer)
+        sock.connect(address)
+        start = time.perf_counter()
+        sock.sendall(op + len(buffer).to_bytes(8, "big") + piece.to_bytes(8, "big"))
+        move(sock, buffer, piece, send=op == b"S")
+        if op == b"S":
+            sock.recv(1)
+        else:
+            sock.sendall(b"k")
+        return time.perf_counter() - start
+
+
+def run_size(
+    rank: int, nbytes: int, peer: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Every measurement for one checkpoint size (as `rank`'s), repeats interleaved."""
+    directory = Path(tempfile.mkdtemp(prefix="bench-source-", dir=args.shm_dir))
+    own = LocalStore(directory / "own", 1 << 50)
+    restored = LocalStore(directory / "restored", 1 << 50)
+    own.start()
+    restored.start()
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    samples: dict[str, list[float]] = {k: [] for k in MEASURES}
+    first: dict[str, list[float]] = {k: [] for k in MEASURES}
+    replica_address = (str(peer["replica"][0]), int(peer["replica"][1]))
+    try:
+        source = Source(own, rank, data, parse_size(args.chunk_size))
+        with PeerLink(replica_address, args.credentials) as link:
+            # The first two repeats touch the replica's two slots (and the raw buffers) for the
+            # first time: page faults of fresh memory, once per job; reported apart.
+            for repeat in range(WARMUP + args.repeats):
+                row = repeat_once(source, link, restored, peer, args)
+                for key, value in row.items():
+                    (samples if repeat >= WARMUP else first)[key].append(value)
+    finally:
+        own.close()
+        restored.close()
+        directory.rmdir()
+    result = summarize(nbytes, samples)
+    result["first_repeats_s"] = first
+    return result
+
+
+def repeat_once(
+    source: Source,
+    link: PeerLink,
+    restored: LocalStore,
+    peer: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """One repeat: raw push, replication, raw fetch, retrieval; seconds each."""
+    socket_buffer = parse_size(args.socket_buffer)
+    raw_address = (str(peer["raw"][0]), int(peer["raw"][1]))
+    row = {"raw_push_s": raw(raw_address, b"S", source, socket_buffer)}
+    start = time.perf_counter()
+    result = link.push(source.store, source.commit(), 0)
+    row["push_s"] = time.perf_counter() - start
+    if not result.ok:
+        raise RuntimeError(f"push failed: {result.describe()}")
+    row["raw_fetch_s"] = raw(raw_address, b"F", source, socket_buffer)
+    start = time.perf_counter()
+    fetch_replica(link.address, args.credentials, source.rank, source.step, restored, args.streams)
+    row["fetch_s"] = time.perf_counter() - start
+    return row
+
+
+def summarize(nbytes: int, samples: dict[str, list[float]]) -> dict[str, Any]:
+    """Stats, throughputs (GB/s of medians) and per-repeat throughput ratios."""
+    result: dict[str, Any] = {"bytes": nbytes, **{k: stats(v) for k, v in samples.items()}}
+    result["gb_per_s"] = {
+        k.removesuffix("_s"): nbytes / statistics.median(v) / 1e9 for k, v in samples.items()
+    }
+    ratios = {
+        name: [r / m for r, m in zip(samples[raw_key], samples[key], strict=True)]
+        for name, raw_key, key in (
+            ("replication_vs_raw", "raw_push_s", "push_s"),
+            ("retrieval_vs_raw", "raw_fetch_s", "fetch_s"),
+        )
+    }
+    result["ratios"] = {k: stats(v) for k, v in ratios.items()}
+    result["meets_goals"] = min(ratios["retrieval_vs_raw"]) >= GOALS["retrieval_vs_raw_min"]
+    return result
+
+
+def start_peer(args: argparse.Namespace, secret_file: Path, raw_bytes: int) -> subprocess.Popen:
+    """The peer process, once it reports its addresses."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve"]
+    command += ["--secret-file", str(secret_file), "--raw-bytes", str(raw_bytes)]
+    command += ["--shm-dir", args.shm_dir, "--socket-buffer", args.socket_buffer]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--sizes", default="64MiB,256MiB,1GiB")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--streams", type=int, default=4, help="parallel connections per retrieval")
+    p.add_argument("--chunk-size", default="4MiB")
+    p.add_argument(
+        "--socket-buffer", default=str(wire.SOCKET_BUFFER), help="bytes; 0: kernel auto-tuning"
+    )
+    p.add_argument("--shm-dir", default=str(shm_root()))
+    p.add_argument("--out", default="bench-results/replication.json")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--secret-file", help=argparse.SUPPRESS)
+    p.add_argument("--raw-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, write the JSON, print a table; return the results."""
+    args = parse_args(argv)
+    if args.serve:
+        serve(args)
+        return {}
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        secret_file = Path(tmp) / "secret"
+        secret_file.write_bytes(new_secret().hex().encode())
+        secret_file.chmod(0o600)
+        args.credentials = Credentials(JOB, load_secret(secret_file, {}))
+        peer_process = start_peer(args, secret_file, max(sizes))
+        try:
+            peer = json.loads(peer_process.stdout.readline())  # type: ignore[union-attr]
+            results = [run_size(rank, size, peer, args) for rank, size in enumerate(sizes)]
+        finally:
+            peer_process.communicate(timeout=30)
+    report = {
+        "benchmark": "replication",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "load_average_before": os.getloadavg(),
+        },
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "credentials")},
+        "goals": GOALS,
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    for line in table(report):
+        print(line)
+    return report
+
+
+def table(report: dict[str, Any]) -> list[str]:
+    """Markdown table: medians in ms (min in parentheses), GB/s of medians, ratios."""
+
+    def cell(s: dict[str, Any]) -> str:
+        return f"{s['median'] * 1000:.0f} ({s['min'] * 1000:.0f})"
+
+    def ratio(s: dict[str, Any]) -> str:
+        return f"{s['median']:.2f} ({s['min']:.2f})"
+
+    lines = [
+        "Medians over repeats in ms (min in parentheses); GB/s from the medians; ratios are"
+        " raw time / measured time per repeat, median (min).",
+        "",
+        "| checkpoint | raw push | replication | raw fetch | retrieval "
+        "| replication GB/s | retrieval GB/s | raw GB/s | replication / raw | retrieval / raw |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        g, q = r["gb_per_s"], r["ratios"]
+        lines.append(
+            f"| {r['bytes'] / 2**20:.0f} MiB | {cell(r['raw_push_s'])} | {cell(r['push_s'])} "
+            f"| {cell(r['raw_fetch_s'])} | {cell(r['fetch_s'])} | {g['push']:.2f} "
+            f"| {g['fetch']:.2f} | {g['raw_fetch']:.2f} "
+            f"| {ratio(q['replication_vs_raw'])} | {ratio(q['retrieval_vs_raw'])} |"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    main()
