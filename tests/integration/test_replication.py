@@ -7,6 +7,7 @@ third store that retrievals land in. Payloads are a few hundred KiB in 64 KiB ch
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,3 +317,16 @@ def test_an_unreachable_peer_is_a_result_and_the_link_backs_off(machines):
     assert first.status is second.status is PushStatus.UNREACHABLE
     assert f"peer {address[0]}:{address[1]} is unreachable" in first.reason
     assert "next try in" in second.reason and second.seconds < 0.5
+
+
+def test_a_partitioned_server_drops_connections_until_the_time_is_up(machines):
+    ref = commit(machines.own, 0, 1, payload(SIZE, 1))
+    with machines.link() as link:
+        assert link.push(machines.own, ref, 0).ok
+        machines.server.refuse_for(0.5)
+        cut = link.push(machines.own, commit(machines.own, 0, 2, payload(SIZE, 2)), 0)
+        assert cut.status is PushStatus.UNREACHABLE
+        time.sleep(0.6)
+        after = link.push(machines.own, commit(machines.own, 0, 3, payload(SIZE, 3)), 0)
+    assert after.ok, after.describe()
+    assert machines.replicas.inventory() == {0: [1, 3]}

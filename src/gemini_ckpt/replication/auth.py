@@ -41,6 +41,10 @@ class AuthenticationError(ReplicationError):
     """A peer did not prove it knows this job's secret (or spoke something else entirely)."""
 
 
+class HandshakeBroken(ReplicationError):
+    """The connection closed or went silent during the handshake: a network failure, not a no."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     """What a connection proves: this job's id and its secret (never shown in a repr).
@@ -118,7 +122,7 @@ class _Deadline:
     def arm(self) -> None:
         left = self._end - time.monotonic()
         if left <= 0:
-            raise AuthenticationError(f"handshake took longer than {self._timeout_s:g} s")
+            raise HandshakeBroken(f"handshake took longer than {self._timeout_s:g} s")
         self._sock.settimeout(left)
 
     def recv(self) -> dict[str, Any]:
@@ -126,13 +130,13 @@ class _Deadline:
         try:
             header = wire.recv_header(self._sock, wire.HANDSHAKE_MAX_HEADER)
         except TimeoutError as e:
-            raise AuthenticationError(
+            raise HandshakeBroken(
                 f"handshake took longer than {self._timeout_s:g} s (peer too slow or silent)"
             ) from e
         except wire.WireError as e:
             raise AuthenticationError(f"malformed handshake: {e}") from e
         if header is None:
-            raise AuthenticationError("peer closed the connection during the handshake")
+            raise HandshakeBroken("peer closed the connection during the handshake")
         return header
 
     def send(self, header: dict[str, Any]) -> None:
@@ -140,7 +144,7 @@ class _Deadline:
         try:
             self._sock.sendall(wire.encode_header(header, wire.HANDSHAKE_MAX_HEADER))
         except TimeoutError as e:
-            raise AuthenticationError(
+            raise HandshakeBroken(
                 f"handshake took longer than {self._timeout_s:g} s (peer not reading)"
             ) from e
 
@@ -169,8 +173,9 @@ def server_handshake(sock: socket.socket, credentials: Credentials, timeout_s: f
 
     Raises:
         AuthenticationError: the client failed (wrong secret, other job or protocol, malformed or
-            oversized message, too slow); the reason is for the server's log only, the client is
-            just told that authentication failed.
+            oversized message); the reason is for the server's log only, the client is just told
+            that authentication failed.
+        HandshakeBroken: the client closed the connection or was too slow.
         OSError: the connection broke.
     """
     deadline = _Deadline(sock, timeout_s)
@@ -203,8 +208,8 @@ def client_handshake(sock: socket.socket, credentials: Credentials, timeout_s: f
     On success the socket is left blocking (no timeout); the caller sets its own.
 
     Raises:
-        AuthenticationError: the server refused us, or failed to prove it knows the secret, or
-            did not answer within `timeout_s`.
+        AuthenticationError: the server refused us, or failed to prove it knows the secret.
+        HandshakeBroken: the server closed the connection or did not answer within `timeout_s`.
         OSError: the connection broke.
     """
     deadline = _Deadline(sock, timeout_s)

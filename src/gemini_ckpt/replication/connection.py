@@ -8,7 +8,12 @@ from typing import Any
 
 from gemini_ckpt.errors import ConfigError, ReplicationError
 from gemini_ckpt.replication import wire
-from gemini_ckpt.replication.auth import AuthenticationError, Credentials, client_handshake
+from gemini_ckpt.replication.auth import (
+    AuthenticationError,
+    Credentials,
+    HandshakeBroken,
+    client_handshake,
+)
 
 
 @dataclass(frozen=True)
@@ -76,10 +81,10 @@ def _authenticate(
     except AuthenticationError as e:
         wire.close_quietly(sock)
         raise AuthenticationError(f"peer {where}: {e}") from e
-    except OSError as e:
+    except (HandshakeBroken, OSError) as e:
         wire.close_quietly(sock)
         raise ReplicationError(
-            f"peer {where} broke the connection while authenticating: {e}"
+            f"peer {where} is unreachable: the connection broke while authenticating: {e}"
         ) from e
     sock.settimeout(timeouts.io_s)
     return sock

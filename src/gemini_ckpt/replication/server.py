@@ -12,6 +12,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -19,7 +20,7 @@ from typing import Any
 
 from gemini_ckpt.errors import ConfigError, ReplicationError
 from gemini_ckpt.replication import wire
-from gemini_ckpt.replication.auth import AuthenticationError, Credentials, server_handshake
+from gemini_ckpt.replication.auth import Credentials, server_handshake
 from gemini_ckpt.replication.provider import ReplicaProvider
 from gemini_ckpt.replication.receiver import PushReceiver
 from gemini_ckpt.store.local_store import LocalStore
@@ -79,6 +80,7 @@ class ReplicaServer:
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._refuse_until = 0.0
 
     @property
     def address(self) -> wire.Address:
@@ -143,6 +145,20 @@ class ReplicaServer:
         self._receiver.close()
         self._provider.close()
 
+    def refuse_for(self, seconds: float) -> None:
+        """Fault injection (a network partition): drop every connection for `seconds`.
+
+        Open connections are shut down (pushes in flight are aborted) and new ones closed unread,
+        so peers see an unreachable server until the time is up.
+        """
+        log.warning("replication server partitioned: dropping all connections for %g s", seconds)
+        with self._lock:
+            self._refuse_until = time.monotonic() + seconds
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
     def __enter__(self) -> ReplicaServer:
         self.start()
         return self
@@ -163,6 +179,9 @@ class ReplicaServer:
                 return
             where = wire.describe(peer)
             with self._lock:
+                if time.monotonic() < self._refuse_until:
+                    conn.close()
+                    continue
                 if len(self._conns) >= self.settings.max_connections:
                     log.warning(
                         "refused a replication connection from %s: %d connections already open",
@@ -184,7 +203,7 @@ class ReplicaServer:
         try:
             wire.tune(conn, self.settings.buffer_bytes)
             server_handshake(conn, self._credentials, self.settings.handshake_timeout_s)
-        except (AuthenticationError, OSError) as e:
+        except (ReplicationError, OSError) as e:  # AuthenticationError or HandshakeBroken
             log.warning("refused a replication connection from %s: %s", where, e)
             self._forget(conn)
             return
