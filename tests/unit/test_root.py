@@ -1,4 +1,4 @@
-"""The root's tick on in-memory etcd: a machine that leaves after finishing is not a lost one."""
+"""The root's tick on in-memory etcd: which absent machines are lost, and which are not."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from gemini_ckpt.coordination.memory_kv import MemoryKV
 from gemini_ckpt.observability.events import EventLog
 
 
-def started_job(tmp_path: Path) -> tuple[RootRole, Leadership, MemoryKV, list[int]]:
-    """Two machines joined, machine 0 leads, generation 0 planned; returns the leases too."""
+def started_job(
+    tmp_path: Path, machines: int = 2
+) -> tuple[RootRole, Leadership, MemoryKV, list[int]]:
+    """The machines joined, machine 0 leads, generation 0 planned; returns the leases too."""
     kv = MemoryKV()
-    plane = ControlPlane(kv, "job", machines=2)
-    coordinator = JobCoordinator(kv, "job", machines=2)
-    leases = [kv.grant_lease(5).id for _ in range(2)]
+    plane = ControlPlane(kv, "job", machines=machines)
+    coordinator = JobCoordinator(kv, "job", machines=machines)
+    leases = [kv.grant_lease(5).id for _ in range(machines)]
     for machine, lease in enumerate(leases):
         plane.join(machine, lease, {})
     leadership = Election(kv, plane.leader_key, "m0").campaign(leases[0], timeout_s=0.1)
@@ -28,7 +30,7 @@ def started_job(tmp_path: Path) -> tuple[RootRole, Leadership, MemoryKV, list[in
     config = AgentConfig(
         job_id="job",
         machine=0,
-        machines=2,
+        machines=machines,
         nproc_per_machine=1,
         command=("train.py",),
         store_addr="",
@@ -61,3 +63,25 @@ def test_a_machine_that_left_without_finishing_is_replaced(tmp_path, finished_el
     root._tick(leadership)
     assert JobCoordinator(kv, "job", 2).generation() == 1
     assert ControlPlane(kv, "job", 2).replacement_requests()[1]["generation"] == 1
+
+
+def test_machines_lost_one_after_another_are_each_replaced_once(tmp_path):
+    root, leadership, kv, leases = started_job(tmp_path, machines=3)
+    plane, coordinator = ControlPlane(kv, "job", 3), JobCoordinator(kv, "job", 3)
+    kv.revoke_lease(leases[1])
+    root._tick(leadership)
+    kv.revoke_lease(leases[2])
+    root._tick(leadership)
+    for _ in range(3):  # machine 1's replacement is still on its way: not lost again
+        root._tick(leadership)
+    assert coordinator.generation() == 2
+    requests = plane.replacement_requests()
+    assert {m: r["generation"] for m, r in requests.items()} == {1: 1, 2: 2}
+    # Machine 1's replacement joins (fulfilling the request), then dies: that is a new loss.
+    lease = kv.grant_lease(5).id
+    plane.join(1, lease, {})
+    assert "joined_at" in plane.replacement_requests()[1]
+    kv.revoke_lease(lease)
+    root._tick(leadership)
+    assert coordinator.generation() == 3
+    assert plane.replacement_requests()[1]["generation"] == 3

@@ -128,7 +128,14 @@ class RootRole:
             if machine in finished:
                 view[machine] = MemberReport(alive=True, failed_ranks=[])
                 continue
-            pending = requests.get(machine, {}).get("generation") == generation
+            # Asked for and not joined yet (possibly for an earlier generation, when machines
+            # are lost one after another): not lost again, unless its replacement never comes.
+            request = requests.get(machine, {})
+            pending = (
+                bool(request)
+                and "joined_at" not in request
+                and time.time() - float(request.get("at", 0)) < self._config.join_timeout_s
+            )
             status = statuses.get(machine, {})
             failed = (
                 status.get("failed_ranks", []) if status.get("generation") == generation else []

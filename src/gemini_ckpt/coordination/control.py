@@ -64,6 +64,14 @@ class ControlPlane:
         """
         self.kv.compare_set(self.key("generation"), None, b"0")
         self.kv.put(self.key(f"members/m{machine}"), self._json(record), lease=lease)
+        # A replacement that joined fulfils the request for it: from now on its lease speaks
+        # for the machine (compare-and-set: a newer request must stay outstanding).
+        key = self.key(f"operator/requests/m{machine}")
+        raw = self.kv.get(key)
+        if raw is not None:
+            request = json.loads(raw)
+            if "joined_at" not in request:
+                self.kv.compare_set(key, raw, self._json({**request, "joined_at": time.time()}))
 
     def members(self) -> dict[int, dict[str, Any]]:
         """The machines whose agents are alive, with what they announced."""
