@@ -8,7 +8,8 @@ import json
 import pytest
 
 from gemini_ckpt.cli import status_cmd
-from gemini_ckpt.cli.status_cmd import assemble, clock, job_names, read_job, render_table
+from gemini_ckpt.cli.status_cmd import assemble, job_names, read_job
+from gemini_ckpt.cli.status_render import clock, render_table
 from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.coordination.election import Election, Leadership
 from gemini_ckpt.coordination.job import JobCoordinator
@@ -210,7 +211,7 @@ def test_render_table(job):
     header = lines.index(next(line for line in lines if line.startswith("machine ")))
     assert lines[header].split() == [
         "machine", "lease", "pid", "host", "ranks", "reported", "gen", "step", "at", "failed",
-        "ranks", "done",
+        "ranks", "done", "memory", "own+replicas", "replica", "lag",
     ]  # fmt: skip
     assert lines[header + 1].split()[:8] == [
         "0", "alive", f"{job.leases[0]:x}", "100", "h0", "0,1", "1", "6",
@@ -241,3 +242,20 @@ def test_job_names_are_the_jobs_with_a_generation_counter():
 def test_list_jobs_reads_etcd(job):
     JobCoordinator(job.kv, "j2", 1).request_restart(0, 0, {})
     assert status_cmd.list_jobs(job.kv) == ["j1", "j2"]
+
+
+def test_memory_and_replica_lag_are_shown_per_machine(job):
+    job.plane.report(
+        0,
+        {
+            "generation": 0,
+            "at": 299.0,
+            "last_step": 9,
+            "memory": {"own": 4 << 20, "replicas": 8 << 20, "budget": 1 << 30},
+            "replica_lag": {"1": 0, "2": None},
+        },
+    )
+    status = job.status()
+    assert status["machines"][0]["memory"]["replicas"] == 8 << 20
+    row = next(line for line in render_table(status) if line.startswith("0 "))
+    assert row.endswith("4.00 MiB+8.00 MiB    m1:0,m2:-")

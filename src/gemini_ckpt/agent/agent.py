@@ -123,7 +123,12 @@ class MachineAgent:
             owned=(config.shm_dir, config.socket_path),
         )
         self._reporter = StatusReporter(
-            config.machine, self._plane, self._service, self._store, self._workers, event_log
+            config.machine,
+            self._plane,
+            self._service,
+            self._workers,
+            event_log,
+            self._replicas.status,
         )
         self._root = RootRole(config, self._plane, self._coordinator, event_log, self._persistent)
         self._copier = ChunkCopier(2)

@@ -202,6 +202,18 @@ class ReplicaRole:
                 for p in self.peers
             }
 
+    def status(self) -> dict[str, Any]:
+        """Checkpoint memory held (own slots, peers' replicas) and the replica lag per peer."""
+        own, replicas = self._own.usage(), self.store.usage()
+        return {
+            "memory": {
+                "own": sum(own.per_rank.values()),
+                "replicas": sum(replicas.per_rank.values()),
+                "budget": own.budget,
+            },
+            "replica_lag": {str(p): lag for p, lag in self.lag().items()},
+        }
+
     def _work(self, peer: int) -> list[tuple[int, int]]:
         work = []
         for rank in self._config.ranks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gemini_ckpt.agent.service import TrainerService
@@ -13,7 +14,6 @@ from gemini_ckpt.errors import CoordinationError
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
 from gemini_ckpt.recovery.classify import MemberReport, classify
-from gemini_ckpt.store.local_store import LocalStore
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,15 @@ class StatusReporter:
         machine: int,
         plane: ControlPlane,
         service: TrainerService,
-        store: LocalStore,
         workers: WorkerGroup,
         event_log: EventLog,
+        extra: Callable[[], dict[str, Any]] = dict,
     ) -> None:
+        self._extra = extra
+        """More of this machine's state for its status (memory held, replica lag)."""
         self._machine = machine
         self._plane = plane
         self._service = service
-        self._store = store
         self._workers = workers
         self._events = event_log
 
@@ -45,6 +46,7 @@ class StatusReporter:
             "at": time.time(),
             "last_step": step,
             "failed_ranks": [],
+            **self._extra(),
             **fields,
         }
         try:
@@ -62,7 +64,7 @@ class StatusReporter:
                 pid=failure.pid,
                 exitcode=failure.exitcode,
                 description=failure.describe(),
-                last_committed=self._store.latest(failure.rank),
+                last_committed=self._service.latest(failure.rank),
                 stderr_tail=self._workers.stderr_tail(failure.local_rank),
             )
         log.warning("generation %d: %s", generation, "; ".join(f.describe() for f in failures))

@@ -128,6 +128,10 @@ class TrainerService:
         with self._lock:
             return self._progress.reported, self._progress.at
 
+    def latest(self, rank: int) -> int | None:
+        """`rank`'s newest committed step in this machine's memory."""
+        return self._store.latest(rank)
+
     def pid(self, rank: int) -> int | None:
         """Process id of `rank`'s trainer in this generation, if it said hello."""
         with self._lock:
