@@ -112,6 +112,7 @@ class ReplicaRole:
             current_generation=lambda: self._generation,
             own=self._own,
             settings=ServerSettings(self._config.local_addr, self._config.replica_port),
+            on_corrupt=self._rejected,
         )
         _host, port = self._server.start()
         for peer in self.peers:
@@ -125,6 +126,16 @@ class ReplicaRole:
             self._threads.append(thread)
         log.info("replicating to machine(s) %s (%s)", list(self.peers), self.placement_reason)
         return f"{self._config.local_addr}:{port}"
+
+    def _rejected(self, rank: int, step: int, reason: str) -> None:
+        self._events.emit(
+            events.REPLICA_REJECTED,
+            generation=self._generation,
+            rank=rank,
+            step=step,
+            machine=self._config.machine,
+            reason=reason,
+        )
 
     def close(self) -> None:
         """Stop sending and serving; release the replicas' memory."""

@@ -59,8 +59,14 @@ class PushReceiver:
     """
 
     def __init__(
-        self, job: str, replicas: LocalStore, current_generation: Callable[[], int]
+        self,
+        job: str,
+        replicas: LocalStore,
+        current_generation: Callable[[], int],
+        on_corrupt: Callable[[int, int, str], None] | None = None,
     ) -> None:
+        self._on_corrupt = on_corrupt
+        """Told (rank, step, why) of each push rejected for chunks that failed verification."""
         self._job = job
         self._replicas = replicas
         self._current_generation = current_generation
@@ -217,6 +223,8 @@ class PushReceiver:
                 problem = e
         if problem is not None:
             log.warning("rejected replica: %s", problem)
+            if isinstance(problem, CorruptCheckpointError) and self._on_corrupt is not None:
+                self._on_corrupt(manifest.rank, manifest.step, str(problem))
             self._replicas.abort_write(manifest.rank, manifest.step)
             wire.send(sock, wire.error_header(str(problem)))
             return False

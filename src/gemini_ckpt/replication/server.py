@@ -70,10 +70,11 @@ class ReplicaServer:
         current_generation: Callable[[], int],
         own: LocalStore | None = None,
         settings: ServerSettings | None = None,
+        on_corrupt: Callable[[int, int, str], None] | None = None,
     ) -> None:
         self.settings = settings or ServerSettings()
         self._credentials = credentials
-        self._receiver = PushReceiver(credentials.job, replicas, current_generation)
+        self._receiver = PushReceiver(credentials.job, replicas, current_generation, on_corrupt)
         self._provider = ReplicaProvider(replicas, own)
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
