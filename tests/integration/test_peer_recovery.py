@@ -95,9 +95,7 @@ def test_a_lost_machine_restores_the_step_it_died_at_from_its_group_peer(tmp_pat
     assert final_state.compare_dirs(reference, tmp_path / "final", MACHINES) == []
 
 
-def test_losing_a_whole_group_falls_back_to_the_persistent_tier_for_everyone(
-    tmp_path, reference
-):
+def test_losing_a_whole_group_falls_back_to_the_persistent_tier_for_everyone(tmp_path, reference):
     bed = run_job(tmp_path, ("kill-group@step=10,group=0",))
     (recovery,) = bed.summary().recoveries
     assert recovery.kind == "machine failure"

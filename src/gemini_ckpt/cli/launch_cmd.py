@@ -231,9 +231,7 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
     if not Path(args.script).is_file():
         raise ConfigError(f"training script {args.script} does not exist")
     specs = [parse_fault(text) for text in args.fault]
-    faults = resolve_faults(
-        specs, args.nnodes, args.nproc_per_node, args.fault_seed, args.replicas
-    )
+    faults = resolve_faults(specs, args.nnodes, args.nproc_per_node, args.fault_seed, args.replicas)
     run_dir = (
         Path(args.run_dir)
         if args.run_dir
