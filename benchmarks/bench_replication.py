@@ -12,9 +12,10 @@ Each repeat, interleaved, per size:
 * replication (a): `PeerLink.push` of the checkpoint, from its slot to the peer's replica store:
   authenticated connection (kept open across repeats, as the agent does), chunk frames, the
   receiver's digest verification and commit;
-* raw fetch: the same bytes in the other direction: the limit for (b);
 * retrieval (b): `fetch_replica` of that replica back into a third store here, over `--streams`
-  parallel connections: new authenticated connections, the manifest, verification, commit.
+  parallel connections: new authenticated connections, the manifest, verification, commit;
+* raw fetch: the same bytes in the other direction: the limit for (b);
+* retrieval over 1 stream: the same as (b) on one connection.
 
 Ratios are throughput ratios (raw seconds / measured seconds) taken within each repeat; JSON holds
 min and median of every measurement and ratio.
@@ -60,7 +61,7 @@ from gemini_ckpt.store.local_store import LocalStore, SlotRef
 
 JOB = "bench-replication"
 GOALS = {"retrieval_vs_raw_min": 0.70}
-MEASURES = ("raw_push_s", "push_s", "raw_fetch_s", "fetch_s")
+MEASURES = ("raw_push_s", "push_s", "fetch_s", "raw_fetch_s", "fetch_one_stream_s")
 WARMUP = 2
 
 
@@ -229,7 +230,7 @@ def repeat_once(
     peer: dict[str, Any],
     args: argparse.Namespace,
 ) -> dict[str, float]:
-    """One repeat: raw push, replication, raw fetch, retrieval; seconds each."""
+    """One repeat: raw push, replication, retrieval, raw fetch, retrieval on 1 stream; seconds."""
     socket_buffer = parse_size(args.socket_buffer)
     raw_address = (str(peer["raw"][0]), int(peer["raw"][1]))
     row = {"raw_push_s": raw(raw_address, b"S", source, socket_buffer)}
@@ -238,10 +239,12 @@ def repeat_once(
     row["push_s"] = time.perf_counter() - start
     if not result.ok:
         raise RuntimeError(f"push failed: {result.describe()}")
-    row["raw_fetch_s"] = raw(raw_address, b"F", source, socket_buffer)
-    start = time.perf_counter()
-    fetch_replica(link.address, args.credentials, source.rank, source.step, restored, args.streams)
-    row["fetch_s"] = time.perf_counter() - start
+    for key, streams in (("fetch_s", args.streams), ("fetch_one_stream_s", 1)):
+        if key == "fetch_one_stream_s":
+            row["raw_fetch_s"] = raw(raw_address, b"F", source, socket_buffer)
+        start = time.perf_counter()
+        fetch_replica(link.address, args.credentials, source.rank, source.step, restored, streams)
+        row[key] = time.perf_counter() - start
     return row
 
 
@@ -256,6 +259,7 @@ def summarize(nbytes: int, samples: dict[str, list[float]]) -> dict[str, Any]:
         for name, raw_key, key in (
             ("replication_vs_raw", "raw_push_s", "push_s"),
             ("retrieval_vs_raw", "raw_fetch_s", "fetch_s"),
+            ("retrieval_one_stream_vs_raw", "raw_fetch_s", "fetch_one_stream_s"),
         )
     }
     result["ratios"] = {k: stats(v) for k, v in ratios.items()}
@@ -339,21 +343,24 @@ def table(report: dict[str, Any]) -> list[str]:
     def ratio(s: dict[str, Any]) -> str:
         return f"{s['median']:.2f} ({s['min']:.2f})"
 
+    streams = report["settings"]["streams"]
     lines = [
         "Medians over repeats in ms (min in parentheses); GB/s from the medians; ratios are"
         " raw time / measured time per repeat, median (min).",
         "",
-        "| checkpoint | raw push | replication | raw fetch | retrieval "
-        "| replication GB/s | retrieval GB/s | raw GB/s | replication / raw | retrieval / raw |",
+        f"| checkpoint | raw push | replication | raw fetch | retrieval, {streams} streams "
+        "| retrieval, 1 stream | replication / raw | retrieval / raw | retrieval, 1 stream / raw "
+        "| GB/s: raw fetch, replication, retrieval |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         g, q = r["gb_per_s"], r["ratios"]
         lines.append(
             f"| {r['bytes'] / 2**20:.0f} MiB | {cell(r['raw_push_s'])} | {cell(r['push_s'])} "
-            f"| {cell(r['raw_fetch_s'])} | {cell(r['fetch_s'])} | {g['push']:.2f} "
-            f"| {g['fetch']:.2f} | {g['raw_fetch']:.2f} "
-            f"| {ratio(q['replication_vs_raw'])} | {ratio(q['retrieval_vs_raw'])} |"
+            f"| {cell(r['raw_fetch_s'])} | {cell(r['fetch_s'])} "
+            f"| {cell(r['fetch_one_stream_s'])} | {ratio(q['replication_vs_raw'])} "
+            f"| {ratio(q['retrieval_vs_raw'])} | {ratio(q['retrieval_one_stream_vs_raw'])} "
+            f"| {g['raw_fetch']:.2f}, {g['push']:.2f}, {g['fetch']:.2f} |"
         )
     return lines
 

@@ -2,9 +2,10 @@
 
 The manifest comes first; then the chunk range is cut into `streams` contiguous parts, each pulled
 on its own authenticated connection and thread, received straight into the destination slot and
-hashed there while the other streams keep receiving. The destination slot is committed (by
-`LocalStore.install`) only when every chunk matched the manifest. A copy that fails verification is
-reported back to the peer (DISCARD), so the next recovery plan does not pick it again.
+hashed piece by piece as it lands (while in the CPU's cache). Whatever the store held for the rank
+is forgotten first (as `LocalStore.install` does), and the slot is committed only when every chunk
+matched the manifest. A copy that fails verification is reported back to the peer (DISCARD), so
+the next recovery plan does not pick it again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from gemini_ckpt.replication import wire
 from gemini_ckpt.replication.auth import Credentials
 from gemini_ckpt.replication.connection import Timeouts, call, connect
 from gemini_ckpt.replication.mapping import mapped_range
-from gemini_ckpt.snapshot.copier import digest
 from gemini_ckpt.store.local_store import LocalStore, SlotRef
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class ReplicaClient:
                 broke; the message names the peer.
             CorruptCheckpointError: chunks failed verification (named in the message); the
                 peer has been asked to discard its copy.
+            StoreError: `into` cannot hold the step (`MemoryBudgetError` when over budget).
         """
         started = time.monotonic()
         manifest, kind = self.manifest(rank, step)
@@ -241,9 +242,8 @@ class ReplicaClient:
                 raise wire.WireError(f"expected chunk {index}, got {str(header)[:200]}")
             if wire.payload_size(header) != end - start:
                 raise wire.WireError(f"chunk {index} is not {end - start} bytes: {header}")
-            chunk = view[start - base : end - base]
-            wire.recv_exact_into(sock, chunk)
-            if digest(chunk) != manifest.chunk_digests[index]:
+            received = wire.recv_hashed_into(sock, view[start - base : end - base])
+            if received != manifest.chunk_digests[index]:
                 bad.append(index)
         reply = wire.recv_header(sock)
         if reply is not None and reply.get("rewritten"):

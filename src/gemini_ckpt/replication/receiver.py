@@ -9,11 +9,11 @@ One push on one connection:
     peer -> us   {"op": "commit"}  or, at any point,  {"op": "abort", "reason"}
     us -> peer   {"ok": true}  or  {"ok": false, "error"}
 
-Chunks are received straight into the granted slot's mapping and hashed on a helper thread while
-the next one arrives. Each must match both the digest its frame carries and the manifest's; the
-slot is committed only after the sender's final "commit", every chunk verified and the generation
-unchanged. Anything else aborts the write: the slot was never visible, and the replica's other
-slot still holds the previous complete step.
+Chunks are received straight into the granted slot's mapping and hashed piece by piece as they
+land, while the bytes are still in the CPU's cache. Each must match both the digest its frame
+carries and the manifest's; the slot is committed only after the sender's final "commit", every
+chunk verified and the generation unchanged. Anything else aborts the write: the slot was never
+visible, and the replica's other slot still holds the previous complete step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,6 @@ from gemini_ckpt.errors import CorruptCheckpointError, GeminiError, MemoryBudget
 from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.replication import wire
 from gemini_ckpt.replication.mapping import SlotMappings
-from gemini_ckpt.snapshot.copier import digest
 from gemini_ckpt.store.local_store import LocalStore
 
 log = logging.getLogger(__name__)
@@ -48,7 +46,6 @@ class _Write:
     generation: int
     slot: int
     view: memoryview
-    checks: list[Future[bool]]
     rejected: list[str]
 
 
@@ -132,7 +129,7 @@ class PushReceiver:
             raise
         with self._lock:
             self._over_budget.discard(rank)
-        return _Write(manifest, generation, grant.slot, view, [], [])
+        return _Write(manifest, generation, grant.slot, view, [])
 
     def _log_refusal(self, rank: int, step: int, where: str, error: Exception) -> None:
         if isinstance(error, MemoryBudgetError):
@@ -147,24 +144,20 @@ class PushReceiver:
     def _receive(self, sock: socket.socket, where: str, write: _Write) -> bool:
         """Receive the chunks and the sender's verdict; True once the replica is committed."""
         manifest = write.manifest
-        view = write.view
-        with ThreadPoolExecutor(1, thread_name_prefix="gemini-replica-verify") as verifier:
-            for index in range(manifest.num_chunks):
-                header = self._next(sock, where)
-                if header.get("op") == "abort":
-                    return self._aborted(sock, where, manifest, header)
-                start, end = manifest.chunk_range(index)
-                self._check_chunk_frame(header, manifest, index, end - start, write.rejected)
-                wire.recv_exact_into(sock, view[start:end])
-                write.checks.append(
-                    verifier.submit(_matches, view[start:end], manifest.chunk_digests[index])
-                )
+        for index in range(manifest.num_chunks):
             header = self._next(sock, where)
             if header.get("op") == "abort":
                 return self._aborted(sock, where, manifest, header)
-            if header.get("op") != "commit":
-                raise wire.WireError(f"expected commit or abort, got {str(header)[:200]}")
-            write.rejected += [str(i) for i, check in enumerate(write.checks) if not check.result()]
+            start, end = manifest.chunk_range(index)
+            self._check_chunk_frame(header, manifest, index, end - start, write.rejected)
+            received = wire.recv_hashed_into(sock, write.view[start:end])
+            if received != manifest.chunk_digests[index]:
+                write.rejected.append(str(index))
+        header = self._next(sock, where)
+        if header.get("op") == "abort":
+            return self._aborted(sock, where, manifest, header)
+        if header.get("op") != "commit":
+            raise wire.WireError(f"expected commit or abort, got {str(header)[:200]}")
         return self._commit(sock, where, write)
 
     @staticmethod
@@ -231,7 +224,3 @@ class PushReceiver:
         log.debug("holding rank %d step %d from %s", manifest.rank, manifest.step, where)
         wire.send(sock, {"ok": True})
         return True
-
-
-def _matches(view: memoryview, expected: str) -> bool:
-    return digest(view) == expected

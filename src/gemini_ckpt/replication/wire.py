@@ -15,6 +15,8 @@ import socket
 import struct
 from typing import Any
 
+import xxhash
+
 from gemini_ckpt.errors import ReplicationError
 
 Address = tuple[str, int]
@@ -29,6 +31,8 @@ HANDSHAKE_MAX_HEADER = 4096
 """Largest header before a peer has proved it knows the job secret."""
 MAX_MANIFEST = 64 << 20
 """Largest manifest payload accepted (the trainer-agent frame limit, for the same manifests)."""
+HASH_PIECE = 256 << 10
+"""Bytes received before they are hashed: they are still in the CPU's cache."""
 SOCKET_BUFFER = 4 << 20
 """Send and receive buffer per connection: a few chunks in flight keep a fast link busy."""
 _PREFIX = struct.Struct(">I")
@@ -117,6 +121,25 @@ def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise WireError(f"connection closed after {got} of {total} bytes")
         got += n
+
+
+def recv_hashed_into(sock: socket.socket, view: memoryview) -> str:
+    """Fill `view` from the socket, hashing each piece as it lands; return the xxh3_64 digest.
+
+    The digest is the manifest's chunk checksum (`snapshot.copier.digest`). Hashing pieces small
+    enough to still be in the CPU cache costs about half as much as hashing the chunk afterwards
+    from memory, and on a host whose cores are busy copying network bytes that is what counts.
+
+    Raises:
+        WireError: the peer closed the connection first.
+        OSError: the connection broke or a receive timed out.
+    """
+    hasher = xxhash.xxh3_64()
+    for offset in range(0, len(view), HASH_PIECE):
+        piece = view[offset : offset + HASH_PIECE]
+        recv_exact_into(sock, piece)
+        hasher.update(piece)
+    return str(hasher.hexdigest())
 
 
 def recv_header(sock: socket.socket, limit: int = MAX_HEADER) -> dict[str, Any] | None:
