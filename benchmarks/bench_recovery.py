@@ -73,10 +73,12 @@ PHASES = {
 SCENARIOS = {
     "software": "software failure",
     "machine": "machine failure",
+    "machine-disk": "machine failure, no peer replicas",
     "standby": "machine failure, warm standby",
 }
-"""Scenario -> its label in tables."""
-KINDS = {"software": "software failure", "machine": "machine failure", "standby": "machine failure"}
+"""Scenario -> its label in tables. Machine failures restore the lost ranks from a peer's replica,
+except machine-disk (--replicas 1), which falls back to the persistent tier."""
+KINDS = {s: "software failure" if s == "software" else "machine failure" for s in SCENARIOS}
 """Scenario -> the incident kind the root must record for the run to count."""
 
 
@@ -167,6 +169,8 @@ def job_spec(scenario: str, args: argparse.Namespace, run_dir: Path) -> LocalSpe
         extra = {"persist_dir": run_dir / "persist", "persist_every": args.persist_every}
         if scenario == "standby":
             extra["standby"] = 1  # the replacement's agent is already running, imports done
+        if scenario == "machine-disk":
+            extra["replicas"] = 1
     script_args = ["--steps", str(args.steps), "--d-model", str(args.d_model)]
     script_args += ["--layers", str(args.layers), "--batch", "4", "--seq", "32"]
     return LocalSpec(
@@ -262,7 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--scenarios", default="software,machine,standby")
+    p.add_argument("--scenarios", default="software,machine,machine-disk,standby")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--machines", type=int, default=2)
     p.add_argument("--nproc-per-machine", type=int, default=2)

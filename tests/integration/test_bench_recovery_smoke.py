@@ -71,9 +71,10 @@ def test_machine_failure_breakdown(tmp_path):
     check_phases(report, run, "machine", phases)
     marks = run["milestones"]
     assert marks["kind"] == "machine failure"
-    assert marks["restored_step"] in (2, 4)  # persisted every 2nd step; 4 if it landed in time
-    # The replacement's memory is empty: its ranks come from the persistent tier.
-    assert (marks["sources"]["2"], marks["sources"]["3"]) == ("persistent tier",) * 2
+    # The replacement's memory is empty: its ranks come from machine 0's replicas, at the step
+    # machine 1 died at.
+    assert marks["restored_step"] == 4
+    assert (marks["sources"]["2"], marks["sources"]["3"]) == ("peer machine 0",) * 2
     assert set(marks["operator"]) == {"started_at", "replaced_at"}
     assert run["fault"] == "kill-machine@step=4,machine=1"
     assert report["reference"] == {}
