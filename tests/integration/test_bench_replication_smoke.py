@@ -25,6 +25,8 @@ def test_bench_replication_writes_json(tmp_path):
             "256KiB",
             "--streams",
             "2",
+            "--alt-streams",
+            "1",
             "--shm-dir",
             str(tmp_path),
             "--out",
@@ -34,11 +36,11 @@ def test_bench_replication_writes_json(tmp_path):
     written = json.loads(out.read_text())
     assert written["results"][0]["bytes"] == report["results"][0]["bytes"] == 1 << 20
     result = written["results"][0]
-    for key in ("raw_push_s", "push_s", "raw_fetch_s", "fetch_s", "fetch_one_stream_s"):
+    for key in ("raw_push_s", "push_s", "raw_fetch_s", "fetch_s", "fetch_alt_streams_s"):
         assert len(result[key]["samples"]) == 1
         assert 0 < result[key]["min"] <= result[key]["median"]
         assert len(result["first_repeats_s"][key]) == 2
-    for key in ("replication_vs_raw", "retrieval_vs_raw", "retrieval_one_stream_vs_raw"):
+    for key in ("replication_vs_raw", "retrieval_vs_raw", "retrieval_alt_streams_vs_raw"):
         assert result["ratios"][key]["min"] > 0
     assert isinstance(result["meets_goals"], bool)
     assert written["settings"]["streams"] == 2

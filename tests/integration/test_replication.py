@@ -24,6 +24,7 @@ from gemini_ckpt.replication import (
     ReplicaClient,
     ReplicaServer,
     Timeouts,
+    default_streams,
     fetch_replica,
     new_secret,
     push_replica,
@@ -217,6 +218,9 @@ def test_fetch_over_four_streams_restores_identical_bytes_and_commits(machines):
     assert machines.restored.inventory() == {2: [7]}
     assert read(machines.restored, 2, 7) == data
     assert result.ref.manifest == machines.replicas.locate(2, 7).manifest
+    again = fetch_replica(endpoint, machines.credentials, 2, 7, machines.restored)
+    assert again.streams == min(default_streams(), 5)  # one part per chunk at most
+    assert read(machines.restored, 2, 7) == data
 
 
 def test_a_surviving_machine_serves_its_own_ranks_too(machines):

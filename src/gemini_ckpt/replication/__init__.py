@@ -16,7 +16,13 @@ from gemini_ckpt.replication.auth import (
     new_secret,
 )
 from gemini_ckpt.replication.connection import Timeouts
-from gemini_ckpt.replication.fetch import FetchResult, Holdings, ReplicaClient, fetch_replica
+from gemini_ckpt.replication.fetch import (
+    FetchResult,
+    Holdings,
+    ReplicaClient,
+    default_streams,
+    fetch_replica,
+)
 from gemini_ckpt.replication.sender import (
     Backoff,
     PeerLink,
@@ -43,6 +49,7 @@ __all__ = [
     "ReplicaServer",
     "ServerSettings",
     "Timeouts",
+    "default_streams",
     "fetch_replica",
     "load_secret",
     "new_secret",

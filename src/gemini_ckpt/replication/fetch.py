@@ -11,6 +11,7 @@ the next recovery plan does not pick it again.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -27,6 +28,18 @@ from gemini_ckpt.replication.mapping import mapped_range
 from gemini_ckpt.store.local_store import LocalStore, SlotRef
 
 log = logging.getLogger(__name__)
+
+MAX_STREAMS = 4
+
+
+def default_streams() -> int:
+    """Parallel connections for a fetch: one per two CPUs of this machine, 1 to `MAX_STREAMS`.
+
+    Each stream keeps about a core busy copying and hashing what it receives; streams beyond the
+    spare cores only contend. (Measured on 2 cores, both ends on one host: 1 GiB came in 15 %
+    slower over 4 streams than over 1.)
+    """
+    return max(1, min(MAX_STREAMS, (os.cpu_count() or 1) // 2))
 
 
 class _Rewritten(ReplicationError):
@@ -123,8 +136,12 @@ class ReplicaClient:
         reply, _ = self._request({"op": "discard", "rank": rank, "step": step})
         return bool(reply.get("dropped"))
 
-    def fetch(self, rank: int, step: int, into: LocalStore, streams: int = 4) -> FetchResult:
-        """Retrieve `rank`'s `step` into `into` (see the module docstring).
+    def fetch(
+        self, rank: int, step: int, into: LocalStore, streams: int | None = None
+    ) -> FetchResult:
+        """Retrieve `rank`'s `step` into `into` over `streams` connections (None: the default).
+
+        See the module docstring for how; `default_streams()` for how many.
 
         Whatever `into` held for the rank is forgotten first, as `LocalStore.install` does; on
         failure the rank holds nothing there.
@@ -138,7 +155,7 @@ class ReplicaClient:
         """
         started = time.monotonic()
         manifest, kind = self.manifest(rank, step)
-        parts = _split(manifest.num_chunks, max(1, streams))
+        parts = _split(manifest.num_chunks, max(1, streams or default_streams()))
         path, slot = _begin_install(into, manifest)
         try:
             self._pull(manifest, parts, path)
@@ -279,7 +296,7 @@ def fetch_replica(
     rank: int,
     step: int,
     into: LocalStore,
-    streams: int = 4,
+    streams: int | None = None,
 ) -> FetchResult:
     """Retrieve `rank`'s `step` from the peer at `endpoint` into `into`.
 
