@@ -43,7 +43,6 @@ from gemini_ckpt.store.local_store import LocalStore
 log = logging.getLogger(__name__)
 
 _RETRY_S = 0.5
-FETCH_STREAMS = 4
 
 CorruptInFlight = Callable[[int, int], int | None]
 """`(rank, step) -> chunk index to corrupt on the wire` (the `corrupt-chunk` fault), or None."""
@@ -310,9 +309,7 @@ class ReplicaRole:
                 "whose replication address is unknown"
             )
         try:
-            result = fetch_replica(
-                address, self._credentials, rank, step, into=self._own, streams=FETCH_STREAMS
-            )
+            result = fetch_replica(address, self._credentials, rank, step, into=self._own)
         except CorruptCheckpointError as e:
             self._events.emit(
                 events.CORRUPT,
