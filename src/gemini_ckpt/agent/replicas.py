@@ -250,7 +250,7 @@ class ReplicaRole:
         while (batch := self._next_batch(peer)) is not None:
             work, generation, target = batch
             if not work or not target:
-                time.sleep(0.01 if not work else _RETRY_S)
+                time.sleep(0.1 if not work else _RETRY_S)  # paused, partitioned or address unknown
                 continue
             if link is None or link.where != target:
                 if link is not None:
