@@ -23,6 +23,7 @@ from gemini_ckpt.replication import (
     PushStatus,
     ReplicaClient,
     ReplicaServer,
+    SlotMappings,
     Timeouts,
     default_streams,
     fetch_replica,
@@ -221,6 +222,22 @@ def test_fetch_over_four_streams_restores_identical_bytes_and_commits(machines):
     again = fetch_replica(endpoint, machines.credentials, 2, 7, machines.restored)
     assert again.streams == min(default_streams(), 5)  # one part per chunk at most
     assert read(machines.restored, 2, 7) == data
+
+
+def test_a_client_that_keeps_the_destination_mapped_maps_it_once(machines):
+    mappings = SlotMappings(writable=True)
+    client = ReplicaClient(machines.server.address, machines.credentials, mappings=mappings)
+    try:
+        with machines.link() as link:
+            for step in (1, 2):
+                data = payload(SIZE, step)
+                assert push_replica(link, machines.own, commit(machines.own, 0, step, data), 0).ok
+                result = client.fetch(0, step, machines.restored, streams=3)
+                assert read(machines.restored, 0, step) == data
+                assert machines.restored.inventory() == {0: [step]}
+        assert list(mappings._maps) == [result.ref.path]  # slot 0, mapped by the first fetch
+    finally:
+        mappings.close()
 
 
 def test_a_surviving_machine_serves_its_own_ranks_too(machines):

@@ -23,6 +23,7 @@ from gemini_ckpt.replication.fetch import (
     default_streams,
     fetch_replica,
 )
+from gemini_ckpt.replication.mapping import SlotMappings
 from gemini_ckpt.replication.sender import (
     Backoff,
     PeerLink,
@@ -48,6 +49,7 @@ __all__ = [
     "ReplicaClient",
     "ReplicaServer",
     "ServerSettings",
+    "SlotMappings",
     "Timeouts",
     "default_streams",
     "fetch_replica",

@@ -24,7 +24,7 @@ from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.replication import wire
 from gemini_ckpt.replication.auth import Credentials
 from gemini_ckpt.replication.connection import Timeouts, call, connect
-from gemini_ckpt.replication.mapping import mapped_range
+from gemini_ckpt.replication.mapping import SlotMappings, mapped_range
 from gemini_ckpt.store.local_store import LocalStore, SlotRef
 
 log = logging.getLogger(__name__)
@@ -71,18 +71,27 @@ class Holdings:
 class ReplicaClient:
     """Requests to one peer's replication server; every call opens its own connection(s).
 
+    `mappings`, if given, is a writable `SlotMappings` the caller keeps for the slot files fetches
+    land in (an agent's, for its own store): a slot mapped by an earlier fetch is not mapped again.
+    Without it each fetch maps the destination and unmaps it after, about 130 ms per GiB here.
+
     Raises:
         ReplicationError: `endpoint` is not an address or "host:port".
     """
 
     def __init__(
-        self, endpoint: wire.Endpoint, credentials: Credentials, timeouts: Timeouts | None = None
+        self,
+        endpoint: wire.Endpoint,
+        credentials: Credentials,
+        timeouts: Timeouts | None = None,
+        mappings: SlotMappings | None = None,
     ) -> None:
         address = wire.parse_address(endpoint)
         self.address = address
         self.where = wire.describe(address)
         self._credentials = credentials
         self._timeouts = timeouts or Timeouts()
+        self._mappings = mappings
 
     def _connect(self) -> socket.socket:
         return connect(self.address, self._credentials, self._timeouts)
@@ -224,6 +233,10 @@ class ReplicaClient:
             rank, step = manifest.rank, manifest.step
             request = {"op": "fetch", "rank": rank, "step": step}
             call(sock, self.where, {**request, "first_chunk": part[0], "last_chunk": part[-1]})
+            if self._mappings is not None:
+                view = self._mappings.view(path, manifest.data_nbytes)
+                self._receive(sock, manifest, part, (view, 0), (bad, stop))
+                return
             # Each stream maps (and unmaps) only its own part: the pages of all parts get mapped
             # in parallel, while the peer already sends, instead of one after the other first.
             start, end = manifest.chunk_range(part[0])[0], manifest.chunk_range(part[-1])[1]
