@@ -7,7 +7,8 @@ Each repeat, interleaved, per size:
 
 * raw push: the same number of bytes sent from a warm buffer here and received into a warm buffer
   there, one `sendall` per chunk and one `recv_into` per 256 KiB as the replication code does,
-  same socket options and buffer sizes, fresh plain connection: the limit for (a). (One
+  same socket options and buffer sizes, over a plain connection kept open across repeats (its
+  TCP window grown, like the link's; retrieval opens new connections): the limit for (a). (One
   `sendall` of the whole buffer is markedly slower here: it would flatter the ratios.)
 * replication (a): `PeerLink.push` of the checkpoint, from its slot to the peer's replica store:
   authenticated connection (kept open across repeats, as the agent does), chunk frames, the
@@ -94,19 +95,17 @@ def move(sock: socket.socket, buffer: memoryview, piece: int, send: bool) -> Non
 
 
 def serve_raw(listener: socket.socket, buffer: memoryview) -> None:
-    """Plain TCP: op (S: we receive, F: we send), 8-byte size, 8-byte piece; an ack byte after."""
+    """Plain TCP, transfers until EOF: op (S: we receive, F: we send), size, piece; an ack after."""
     while True:
         conn, _ = listener.accept()
         with conn:
-            header = conn.recv(17, socket.MSG_WAITALL)
-            if len(header) < 17:
-                continue
-            nbytes, piece = int.from_bytes(header[1:9], "big"), int.from_bytes(header[9:], "big")
-            move(conn, buffer[:nbytes], piece, send=header[:1] == b"F")
-            if header[:1] == b"S":
-                conn.sendall(b"k")
-            else:
-                conn.recv(1)
+            while len(header := conn.recv(17, socket.MSG_WAITALL)) == 17:
+                size, piece = int.from_bytes(header[1:9], "big"), int.from_bytes(header[9:], "big")
+                move(conn, buffer[:size], piece, send=header[:1] == b"F")
+                if header[:1] == b"S":
+                    conn.sendall(b"k")
+                else:
+                    conn.recv(1)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -174,20 +173,17 @@ class Source:
         return ref
 
 
-def raw(address: tuple[str, int], op: bytes, source: Source, socket_buffer: int) -> float:
-    """Seconds to move the checkpoint's size over a fresh plain connection (S: to the peer)."""
+def raw(sock: socket.socket, op: bytes, source: Source) -> float:
+    """Seconds to move the checkpoint's size over the plain connection (S: to the peer)."""
     buffer, piece = source.buffer, source.chunk_size
-    with socket.socket() as sock:
-        wire.tune(sock, socket_buffer)
-        sock.connect(address)
-        start = time.perf_counter()
-        sock.sendall(op + len(buffer).to_bytes(8, "big") + piece.to_bytes(8, "big"))
-        move(sock, buffer, piece, send=op == b"S")
-        if op == b"S":
-            sock.recv(1)
-        else:
-            sock.sendall(b"k")
-        return time.perf_counter() - start
+    start = time.perf_counter()
+    sock.sendall(op + len(buffer).to_bytes(8, "big") + piece.to_bytes(8, "big"))
+    move(sock, buffer, piece, send=op == b"S")
+    if op == b"S":
+        sock.recv(1)
+    else:
+        sock.sendall(b"k")
+    return time.perf_counter() - start
 
 
 @dataclass
@@ -195,7 +191,8 @@ class Target:
     """The peer as this process reaches it, and where retrievals land here."""
 
     link: PeerLink
-    raw_address: tuple[str, int]
+    raw: socket.socket
+    """A plain connection kept open, like the link: its TCP window has grown to full size."""
     restored: LocalStore
     kept_mapped: ReplicaClient
     """A client that keeps the destination's slots mapped across fetches, as an agent could."""
@@ -217,9 +214,14 @@ def run_size(
     mappings = SlotMappings(writable=True)
     try:
         source = Source(own, rank, data, parse_size(args.chunk_size))
-        with PeerLink(replica_address, args.credentials) as link:
+        with (
+            PeerLink(replica_address, args.credentials) as link,
+            socket.socket() as plain,
+        ):
+            wire.tune(plain, parse_size(args.socket_buffer))
+            plain.connect((str(peer["raw"][0]), int(peer["raw"][1])))
             client = ReplicaClient(replica_address, args.credentials, mappings=mappings)
-            target = Target(link, (str(peer["raw"][0]), int(peer["raw"][1])), restored, client)
+            target = Target(link, plain, restored, client)
             # The first two repeats touch the replica's two slots (and the raw buffers) for the
             # first time: page faults of fresh memory, once per job; reported apart.
             for repeat in range(WARMUP + args.repeats):
@@ -238,8 +240,7 @@ def run_size(
 
 def repeat_once(source: Source, target: Target, args: argparse.Namespace) -> dict[str, float]:
     """One repeat of every measurement, in the order of `MEASURES`; seconds each."""
-    socket_buffer = parse_size(args.socket_buffer)
-    row = {"raw_push_s": raw(target.raw_address, b"S", source, socket_buffer)}
+    row = {"raw_push_s": raw(target.raw, b"S", source)}
     start = time.perf_counter()
     result = target.link.push(source.store, source.commit(), 0)
     row["push_s"] = time.perf_counter() - start
@@ -254,7 +255,7 @@ def repeat_once(source: Source, target: Target, args: argparse.Namespace) -> dic
     ):
         start = time.perf_counter()
         if key == "raw_fetch_s":
-            row[key] = raw(target.raw_address, b"F", source, socket_buffer)
+            row[key] = raw(target.raw, b"F", source)
             continue
         if key == "fetch_kept_mapped_s":
             target.kept_mapped.fetch(rank, step, target.restored, streams)
