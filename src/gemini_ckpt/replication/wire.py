@@ -36,7 +36,6 @@ HASH_PIECE = 256 << 10
 SOCKET_BUFFER = 4 << 20
 """Send and receive buffer per connection: a few chunks in flight keep a fast link busy."""
 _PREFIX = struct.Struct(">I")
-_DRAIN_PIECE = 1 << 20
 
 
 class WireError(ReplicationError):
@@ -183,20 +182,6 @@ def recv_bytes(sock: socket.socket, nbytes: int, limit: int) -> bytes:
     buf = bytearray(nbytes)
     recv_exact_into(sock, memoryview(buf))
     return bytes(buf)
-
-
-def drain(sock: socket.socket, nbytes: int) -> None:
-    """Read and drop `nbytes` (a payload that will not be kept), keeping the stream in step.
-
-    Raises:
-        WireError: the peer closed the connection first.
-    """
-    scratch = memoryview(bytearray(min(nbytes, _DRAIN_PIECE)))
-    left = nbytes
-    while left:
-        piece = min(left, len(scratch))
-        recv_exact_into(sock, scratch[:piece])
-        left -= piece
 
 
 def field(header: dict[str, Any], name: str, kind: type) -> Any:
