@@ -11,8 +11,10 @@ from pathlib import Path
 from gemini_ckpt.cli.launch_cmd import add_common_options
 from gemini_ckpt.cli.launch_cmd import env_or as env
 from gemini_ckpt.cli.progress import event_line, summary_lines
+from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.observability.summary import RunSummary
 from gemini_ckpt.store.files import parse_location
+from gemini_ckpt.testbed import netns
 from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
 
 TIMED_OUT = 124
@@ -66,8 +68,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=env("STANDBY", "0"),
         help="warm standby agents kept waiting to replace lost machines (default 0)",
     )
+    p.add_argument(
+        "--netns",
+        action="store_true",
+        default=env("NETNS", "") in ("1", "true", "yes"),
+        help="put each machine in its own network namespace, cabled to one switch (root only)",
+    )
+    p.add_argument(
+        "--link-bandwidth",
+        metavar="RATE",
+        default=env("LINK_BANDWIDTH", ""),
+        help="with --netns: cap each machine's link to RATE each way, e.g. 1gbit or 200mbit",
+    )
+    p.add_argument(
+        "--cleanup",
+        action=_Cleanup,
+        help="remove every namespace --netns test beds left behind (also running ones) and exit",
+    )
     add_common_options(p)
     p.set_defaults(run=run)
+
+
+class _Cleanup(argparse.Action):
+    """Acts while parsing, so `gemini-ckpt local --cleanup` needs no training script."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        try:
+            removed = netns.remove_stale_networks()
+        except ConfigError as e:
+            parser.exit(2, f"gemini-ckpt local --cleanup: {e}\n")
+        print(f"removed {len(removed)} namespace(s): {' '.join(removed) or '-'}")
+        parser.exit(0)
 
 
 def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
@@ -95,6 +129,8 @@ def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
         "etcd_members": args.etcd_members,
         "standby": args.standby,
         "replicas": args.replicas,
+        "netns": args.netns,
+        "link_bandwidth": args.link_bandwidth,
     }
     fields.update(overrides)
     return LocalSpec(**fields)  # type: ignore[arg-type]

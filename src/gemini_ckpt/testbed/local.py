@@ -28,9 +28,11 @@ from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.faults import ETCD_KINDS, parse_fault, resolve_faults
 from gemini_ckpt.observability import events
-from gemini_ckpt.observability.events import EventLog, parse_events, read_events
+from gemini_ckpt.observability.events import EventLog, read_events
 from gemini_ckpt.observability.summary import RunSummary, summarize
+from gemini_ckpt.testbed import netns
 from gemini_ckpt.testbed.etcd_faults import EtcdFaults
+from gemini_ckpt.testbed.event_tail import EventTail
 from gemini_ckpt.testbed.operator import LocalProcessOperator
 from gemini_ckpt.testbed.standby_pool import StandbyPool
 
@@ -67,6 +69,10 @@ class LocalSpec:
     replicas: int = 2
     """m: copies of each machine's checkpoint in CPU memory (see `AgentConfig.replicas`)."""
     env: dict[str, str] = field(default_factory=dict)
+    netns: bool = False
+    """Each machine in its own network namespace on one switch (root only; see `testbed.netns`)."""
+    link_bandwidth: str = ""
+    """With `netns`: every machine's link rate each way, in tc notation (`1gbit`); empty: no cap."""
 
     def __post_init__(self) -> None:
         if self.machines < 1 or self.nproc_per_machine < 1:
@@ -78,6 +84,9 @@ class LocalSpec:
             raise ConfigError(f"training script {self.script} does not exist")
         if self.standby < 0:
             raise ConfigError(f"--standby must be >= 0, got {self.standby}")
+        netns.check_testbed_options(
+            self.netns, self.machines, self.link_bandwidth, self.standby, self.etcd
+        )
         # Surface a bad --fault before anything starts.
         resolve_faults(
             [parse_fault(f) for f in self.faults],
@@ -86,29 +95,6 @@ class LocalSpec:
             self.fault_seed,
             self.replicas,
         )
-
-
-class EventTail:
-    """Reads the events the agents append, a few new lines at a time."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self._offsets = dict.fromkeys(paths, 0)
-
-    def new_events(self) -> list[dict[str, Any]]:
-        """Complete lines written since the last call, merged in time order."""
-        fresh: list[dict[str, Any]] = []
-        for path, offset in self._offsets.items():
-            try:
-                with path.open("rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-            except FileNotFoundError:
-                continue
-            complete = chunk[: chunk.rfind(b"\n") + 1]
-            self._offsets[path] = offset + len(complete)
-            fresh.extend(parse_events(complete.decode("utf-8", errors="replace")))
-        fresh.sort(key=lambda e: float(e.get("t", 0.0)))
-        return fresh
 
 
 class LocalTestbed:
@@ -120,6 +106,7 @@ class LocalTestbed:
         self.run_dir = spec.run_dir or Path(tempfile.mkdtemp(prefix="gemini-local-"))
         self._own_run_dir = spec.run_dir is None
         self._etcd: EtcdServer | None = None
+        self._network: netns.ShapedNetwork | None = None
         self._etcd_endpoint = ""
         self._agents: dict[int, subprocess.Popen[bytes]] = {}
         self._kv: EtcdKV | None = None
@@ -137,7 +124,8 @@ class LocalTestbed:
 
     def agent_command(self, machine: int, etcd: str, standby: str = "") -> list[str]:
         """The command line that starts machine `machine`'s agent (or warm standby `standby`)."""
-        spec = self.spec
+        spec, net = self.spec, self._network
+        addr = net.address(machine) if net else "127.0.0.1"
         command = [
             sys.executable,
             "-m",
@@ -151,7 +139,9 @@ class LocalTestbed:
             "--nproc-per-node",
             str(spec.nproc_per_machine),
             "--master-addr",
-            "127.0.0.1",
+            addr,
+            "--local-addr",
+            addr,
             "--etcd",
             etcd,
             "--run-id",
@@ -194,7 +184,8 @@ class LocalTestbed:
             command += ["--fault", fault]
         if standby:
             command += ["--standby", standby]
-        return [*command, str(spec.script), *spec.script_args]
+        inside = net.exec_prefix(machine) if net else []  # trainers inherit the namespace
+        return [*inside, *command, str(spec.script), *spec.script_args]
 
     def start(self) -> None:
         """Host the job store and start one agent process per machine."""
@@ -203,13 +194,19 @@ class LocalTestbed:
         fd = os.open(self.run_dir / "job.secret", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_hex(32).encode())
+        if self.spec.netns:
+            spec = netns.NetworkSpec(self.spec.machines, self.spec.link_bandwidth)
+            self._network = netns.ShapedNetwork(spec).start()
         etcd = self.spec.etcd
         if not etcd:
             # The job's own etcd, as a real cluster would have one; gone with the job.
             # etcd's default timings: on a few busy cores, shorter election timeouts make the
             # leader flap while trainers start, and requests time out.
+            host = self._network.host_address if self._network else "127.0.0.1"
             self._etcd = EtcdServer(
-                EtcdServerConfig(members=self.spec.etcd_members, heartbeat_ms=100, election_ms=1000)
+                EtcdServerConfig(
+                    host, members=self.spec.etcd_members, heartbeat_ms=100, election_ms=1000
+                )
             ).start()
             etcd = ",".join(self._etcd.endpoints)
             faults = resolve_faults(
@@ -251,7 +248,9 @@ class LocalTestbed:
         with (directory / "agent.log").open("ab") as log:
             return subprocess.Popen(
                 command,
-                env=cfg.child_env(self.spec.env),
+                env=cfg.child_env(
+                    {**(self._network.env() if self._network else {}), **self.spec.env}
+                ),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -368,6 +367,9 @@ class LocalTestbed:
         if self._etcd is not None:
             self._etcd.stop()
             self._etcd = None
+        if self._network is not None:
+            self._network.close()
+            self._network = None
 
     def remove_run_dir(self) -> None:
         """Delete the run directory if the test bed created it."""
@@ -375,7 +377,11 @@ class LocalTestbed:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalTestbed:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # a half-started job must not leave etcd or namespaces behind
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
