@@ -125,9 +125,22 @@ def remove_stale_networks() -> list[str]:
     """
     check_host()
     removed = our_namespaces()
+    links = re.findall(rf"^\d+: ({PREFIX}\d+)-up[@:]", run_ip("ip", "-o", "link"), re.MULTILINE)
+    for tag in {name.split("-")[0] for name in removed} | set(links):
+        remove_uplink(tag)
     for name in removed:
         remove_namespace(name)
     return removed
+
+
+def remove_uplink(tag: str) -> None:
+    """Delete the host's uplink of the network named `tag` (a no-op if it is gone).
+
+    Deleting the switch namespace would take it too, but the kernel does that asynchronously,
+    after `ip netns del` returns; a new test bed must not find the old address still in use.
+    """
+    with contextlib.suppress(ConfigError):
+        run_ip("ip", "link", "del", "dev", f"{tag}-up")
 
 
 def check_testbed_options(
@@ -267,7 +280,8 @@ class ShapedNetwork:
 
     def close(self) -> None:
         """Remove the job's namespaces (and with them its links); safe to call twice."""
-        # Machines first: the switch namespace goes last, taking the host's uplink with it.
+        if self._created:
+            remove_uplink(f"{PREFIX}{self.subnet}")
         for name in reversed(self._created):
             remove_namespace(name)
         self._created.clear()
