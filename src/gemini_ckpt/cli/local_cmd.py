@@ -71,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--netns",
         action="store_true",
-        default=env("NETNS", "") in ("1", "true", "yes"),
+        default=env("NETNS", "") == "1",
         help="put each machine in its own network namespace, cabled to one switch (root only)",
     )
     p.add_argument(

@@ -88,12 +88,16 @@ def run_ip(*args: str, namespace: str = "") -> str:
     """Run an iproute2 command (`ip ...` or `tc ...`), inside `namespace` if given; its stdout.
 
     Raises:
-        ConfigError: the command failed (the message carries the command and its stderr).
+        ConfigError: the command failed or hung (the message carries the command and its
+            stderr).
     """
     command = [*(["ip", "netns", "exec", namespace] if namespace else []), *args]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT_S, check=False
-    )
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as e:
+        raise ConfigError(f"{' '.join(command)} did not finish in {_COMMAND_TIMEOUT_S} s") from e
     if result.returncode != 0:
         raise ConfigError(f"{' '.join(command)} failed: {result.stderr.strip()}")
     return result.stdout
