@@ -11,53 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from gemini_ckpt.demo import final_state, train_gpt
+from gemini_ckpt.demo import final_state
 from gemini_ckpt.observability import events as ev
 from gemini_ckpt.observability.events import read_events
 from gemini_ckpt.recovery.plan import LOCAL_MEMORY, PERSISTENT_TIER, peer_source
-from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
+from gemini_ckpt.testbed.local import LocalTestbed
+from helpers.demo_jobs import run_demo_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
-SCRIPT = Path(train_gpt.__file__)
 STEPS = 14
 MACHINES = 4
-TTL = 2
 
 
 def run_job(run_dir: Path, faults: tuple[str, ...] = (), **spec: object) -> LocalTestbed:
-    args = (
-        "--steps",
-        str(STEPS),
-        "--d-model",
-        "32",
-        "--layers",
-        "1",
-        "--batch",
-        "4",
-        "--seq",
-        "16",
-        "--final-state",
-        str(run_dir / "final"),
-    )
-    fields: dict[str, object] = dict(
-        machines=MACHINES,
-        nproc_per_machine=1,
-        script=SCRIPT,
-        script_args=args,
-        faults=faults,
-        run_dir=run_dir,
-        max_restarts=3,
-        member_ttl_s=TTL,
-        persist_dir=run_dir / "ckpt",
-        persist_every=4,
-        replicas=2,
-    )
-    fields.update(spec)
-    with LocalTestbed(LocalSpec(**fields)) as bed:  # type: ignore[arg-type]
-        code = bed.wait(300)
-    assert code == 0, "\n".join(bed.agent_log(m)[-3000:] for m in range(MACHINES))
-    return bed
+    fields: dict[str, object] = dict(machines=MACHINES, nproc_per_machine=1, replicas=2)
+    return run_demo_job(run_dir, (STEPS, 32, 1), faults, **{**fields, **spec})
 
 
 @pytest.fixture(scope="module")

@@ -384,15 +384,15 @@ class MachineAgent:
         if fault is not None and fault.kind == "partition":
             self._replicas.partition(fault.seconds)
         elif fault is not None:
-            if fault.kind != "kill-group":
-                # The machine dies once `step` is everywhere it sends it, as in a crash during
-                # the next iteration (bounded: a partitioned peer does not stall it).
+            # The machine dies once `step` is everywhere it sends it (a group: once every rank of
+            # the job holds it, so no member dies before another committed it), as in a crash
+            # during the next iteration. Bounded: a partitioned peer does not stall it.
+            if fault.kind == "kill-group":
+                with contextlib.suppress(CoordinationError):
+                    generation = self._coordinator.generation()
+                    self._coordinator.wait_complete(generation, step, 10.0, lambda: None)
+            else:
                 self._replicas.wait_replicated(step, timeout_s=10.0)
-            kill_machine(
-                self._events.emit,
-                fault,
-                step,
-                (self.config.machine, self._root.leading),
-                list(self._workers.pids().values()),
-                self.config.shm_dir,
-            )
+            where = (self.config.machine, self._root.leading)
+            pids = list(self._workers.pids().values())
+            kill_machine(self._events.emit, fault, step, where, pids, self.config.shm_dir)

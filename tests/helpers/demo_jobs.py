@@ -1,0 +1,43 @@
+"""Test-bed jobs of the demo GPT that must succeed: the shared setup of the recovery tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gemini_ckpt.demo import train_gpt
+from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
+
+SCRIPT = Path(train_gpt.__file__)
+
+
+def run_demo_job(
+    run_dir: Path,
+    model: tuple[int, int, int],
+    faults: tuple[str, ...] = (),
+    **spec: object,
+) -> LocalTestbed:
+    """Train the demo GPT (`model` = steps, d_model, layers; batch 4) to the end on the test bed.
+
+    Its final state lands in `run_dir/final`; `spec` sets or overrides `LocalSpec` fields (the
+    persistent tier every 4 steps and a 2 s lease are the defaults). Fails the test, with the
+    agents' logs, unless the job succeeds.
+    """
+    steps, d_model, layers = model
+    args = ["--steps", str(steps), "--d-model", str(d_model), "--layers", str(layers)]
+    args += ["--batch", "4", "--seq", str(d_model // 2), "--final-state", str(run_dir / "final")]
+    fields: dict[str, object] = dict(
+        script=SCRIPT,
+        script_args=tuple(args),
+        faults=faults,
+        run_dir=run_dir,
+        max_restarts=3,
+        member_ttl_s=2,
+        persist_dir=run_dir / "ckpt",
+        persist_every=4,
+    )
+    fields.update(spec)
+    with LocalTestbed(LocalSpec(**fields)) as bed:  # type: ignore[arg-type]
+        code = bed.wait(300)
+    machines = int(fields.get("machines", 1))  # type: ignore[call-overload]
+    assert code == 0, "\n".join(bed.agent_log(m)[-3000:] for m in range(machines))
+    return bed
