@@ -59,7 +59,8 @@ def test_a_lost_machine_restores_the_step_it_died_at_from_its_group_peer(tmp_pat
     fetched = [e for e in events if e["event"] == ev.REPLICA_FETCHED]
     assert [(e["rank"], e["step"], e["machine"]) for e in fetched] == [(1, 8, 0)]
     rejected = [e for e in events if e["event"] == ev.REPLICA_REJECTED]
-    assert [(e["rank"], e["step"]) for e in rejected] == [(1, 4)]
+    assert [e["rank"] for e in rejected] == [1]
+    assert 4 <= rejected[0]["step"] < 8  # the first push from step 4 on
     assert "chunk(s) 0 failed verification" in rejected[0]["reason"]
     assert final_state.compare_dirs(reference, tmp_path / "final", MACHINES) == []
 

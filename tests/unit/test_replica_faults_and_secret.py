@@ -69,8 +69,9 @@ def test_memory_corruption_flips_one_byte_of_the_named_chunk_once(tmp_path):
 def test_flight_and_replica_faults_are_taken_by_their_own_paths(tmp_path):
     flight = injector("corrupt-chunk@step=3,rank=1,where=flight,chunk=1")
     assert flight.corrupt_in_flight(1, 2) is None
-    assert flight.corrupt_in_flight(1, 3) == 1
-    assert flight.corrupt_in_flight(1, 3) is None
+    assert flight.corrupt_in_flight(0, 3) is None  # another rank
+    assert flight.corrupt_in_flight(1, 4) == 1  # step 3 was never pushed: the next one is hit
+    assert flight.corrupt_in_flight(1, 5) is None
     replicas = committed_store(tmp_path, 5)  # the replica of rank 1 held by its peer
     held = injector("corrupt-chunk@step=4,rank=1,where=replica")
     before = replicas.data_path(1, 0).read_bytes()

@@ -91,8 +91,22 @@ class FaultInjector:
         return self._fire(self._take(rank, step, FaultPoint.AFTER_COMMIT), pid)
 
     def corrupt_in_flight(self, rank: int, step: int) -> int | None:
-        """The chunk of `rank`'s `step` to damage on its way to a peer (where=flight), if any."""
-        fault = self._take(rank, step, FaultPoint.AFTER_COMMIT, "flight")
+        """The chunk of `rank`'s `step` to damage on its way to a peer (where=flight), if any.
+
+        The first push at or after the fault's step takes it: a sender behind the trainer skips
+        steps, and the fault must not depend on which ones.
+        """
+        with self._lock:
+            due = next(
+                (
+                    f
+                    for f in self._pending
+                    if (f.kind, f.where, f.rank) == ("corrupt-chunk", "flight", rank)
+                    and f.step <= step
+                ),
+                None,
+            )
+        fault = self._take(rank, due.step, FaultPoint.AFTER_COMMIT, "flight") if due else None
         if fault is None:
             return None
         self._announce(fault, step, "flight")
