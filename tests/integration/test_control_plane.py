@@ -102,7 +102,19 @@ def test_a_three_member_etcd_losing_a_member_stops_neither_training_nor_recovery
     assert injected == {"kill-etcd-member@step=4", "kill-worker@step=10,rank=1"}
     (recovery,) = bed.summary().recoveries
     assert recovery.kind == "software failure"
-    assert recovery.restored_step == 10
+    # While a client fails over, saves that etcd cannot vouch for are skipped (for a second: with
+    # steps of ~70 ms, several): no step every machine committed is lost, whichever that was. The
+    # job finishing bit-identical shows training and recovery went on.
+    killed = next(e["t"] for e in events if e.get("fault") == "kill-worker@step=10,rank=1")
+    newest = [
+        max(
+            e["step"]
+            for e in events
+            if e["event"] == ev.PROGRESS and e["machine"] == m and e["t"] < killed
+        )
+        for m in range(2)
+    ]
+    assert min(newest) <= recovery.restored_step <= 10
     assert set(recovery.sources.values()) == {"local memory"}
     assert final_state.compare_dirs(reference, tmp_path / "final", WORLD) == []
 
