@@ -17,6 +17,7 @@ from gemini_ckpt.faults import parse_fault, resolve_faults
 from gemini_ckpt.observability.events import EventLog
 from gemini_ckpt.protocol.manifest import Manifest, TensorEntry
 from gemini_ckpt.store.local_store import LocalStore
+from helpers.configs import agent_config
 
 CHUNK = 64
 
@@ -93,20 +94,7 @@ def test_disk_corruption_lands_in_the_data_after_the_safetensors_header(tmp_path
 
 
 def config(tmp_path: Path, secret_file: Path | None = None) -> AgentConfig:
-    return AgentConfig(
-        job_id="job",
-        machine=0,
-        machines=2,
-        nproc_per_machine=1,
-        command=("train.py",),
-        store_addr="",
-        store_port=0,
-        host_store=False,
-        run_dir=tmp_path,
-        shm_dir=tmp_path / "shm",
-        memory_limit=1 << 20,
-        job_secret_file=secret_file,
-    )
+    return agent_config(tmp_path, job_secret_file=secret_file)
 
 
 def test_without_a_secret_of_their_own_the_agents_share_one_through_etcd(tmp_path, monkeypatch):

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from gemini_ckpt.agent.root import RootRole
-from gemini_ckpt.config import AgentConfig
 from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.coordination.election import Election, Leadership
 from gemini_ckpt.coordination.job import JobCoordinator
 from gemini_ckpt.coordination.memory_kv import MemoryKV
 from gemini_ckpt.observability.events import EventLog
+from helpers.configs import agent_config
 
 
 def started_job(
@@ -27,19 +27,7 @@ def started_job(
         plane.join(machine, lease, {})
     leadership = Election(kv, plane.leader_key, "m0").campaign(leases[0], timeout_s=0.1)
     assert leadership is not None
-    config = AgentConfig(
-        job_id="job",
-        machine=0,
-        machines=machines,
-        nproc_per_machine=1,
-        command=("train.py",),
-        store_addr="",
-        store_port=0,
-        host_store=False,
-        run_dir=tmp_path,
-        shm_dir=tmp_path / "shm",
-        memory_limit=1 << 20,
-    )
+    config = agent_config(tmp_path, machines)
     root = RootRole(config, plane, coordinator, EventLog(None), persistent=None)
     plane.publish_plan(leadership, 0, {"step": None, "generation": 0}, {"addr": "x", "port": 1})
     return root, leadership, kv, leases
