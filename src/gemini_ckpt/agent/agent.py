@@ -254,10 +254,9 @@ class MachineAgent:
         )
         plan = RestorePlan.from_dict(raw_plan)
         dropped = self._store.truncate_after(plan.step if plan.step is not None else -1)
-        members = self._plane.members()
-        self._replicas.learn_addresses(members)
+        self._replicas.learn_addresses(self._plane.members())
         self._stage(generation, plan)
-        self._replicas.resume(plan.step, members)
+        self._replicas.resume(plan.step)
         self._service.open_generation(generation, plan)
         self._events.emit(
             events.PLAN,

@@ -159,12 +159,14 @@ class ReplicaRole:
         """Complete replicas held, per rank of another machine."""
         return self.store.inventory() if self.enabled else {}
 
-    def resume(self, plan_step: int | None, members: Mapping[int, Mapping[str, Any]]) -> None:
-        """The plan is applied: drop replicas newer than its step and send again."""
+    def resume(self, plan_step: int | None) -> None:
+        """The plan is applied: drop replicas newer than its step and send again.
+
+        The peers' addresses must be known (`learn_addresses`, before staging needs them).
+        """
         if not self.enabled:
             return
         self.store.truncate_after(plan_step if plan_step is not None else -1)
-        self.learn_addresses(members)
         with self._cond:
             # What peers hold changed with the recovery; pushing a step they hold is cheap.
             self._sent = {peer: {} for peer in self.peers}
