@@ -21,6 +21,7 @@ from types import FrameType
 from gemini_ckpt import config as cfg
 from gemini_ckpt.agent.agent import MachineAgent
 from gemini_ckpt.agent.standby import await_assignment
+from gemini_ckpt.cli.interleave_opts import add_interleave_options, interleave_settings
 from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.coordination.etcd_kv import EtcdKV
 from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
@@ -145,6 +146,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         help="m: copies of every machine's checkpoint in CPU memory, its own included "
         "(the other m-1 on peers chosen by group placement; 1: no peer copies)",
     )
+    add_interleave_options(parser)
     parser.add_argument("script", help="the training script (as for torchrun)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
 
@@ -265,6 +267,7 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
         replicas=args.replicas,
         replica_port=args.replica_port,
         job_secret_file=Path(args.job_secret_file) if args.job_secret_file else None,
+        interleave=interleave_settings(args),
     )
     return dataclasses.replace(
         config, faults=tuple(f for f in faults if f.targets(config.machine, config.ranks))
