@@ -101,7 +101,7 @@ class LinkPacer:
                 if cancelled():
                     return False
                 now = self._clock()
-                grant = self._grant_time(nbytes, now)
+                grant = self.next_grant(nbytes, now)
                 if grant is not None and grant[0] <= now:
                     self._reserve(nbytes, now, grant[1])
                     self.stats.waited_s += now - started
@@ -117,8 +117,13 @@ class LinkPacer:
         self.stats.bytes += nbytes
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
 
-    def _grant_time(self, nbytes: int, now: float) -> tuple[float, str] | None:
-        """When the chunk may start (<= now: at once) and why, or None: not in this iteration."""
+    def next_grant(self, nbytes: int, now: float) -> tuple[float, str] | None:
+        """When a chunk of `nbytes` asked for at `now` may start, and why.
+
+        None: not in this iteration (wait for the next one's start). Changes nothing: `acquire`
+        reserves. The reason is "in_window", "overflow" (too big for any window: the last span) or
+        "unpaced" (no profile, or training reported no iteration for a while).
+        """
         profile, traffic, anchor = self._profile, self._traffic, self._anchor
         if profile is None or traffic is None:
             return now, "unpaced"

@@ -44,10 +44,16 @@ log = logging.getLogger(__name__)
 
 COLLECTIVES = (
     "all_reduce",
+    "all_reduce_coalesced",
     "all_gather",
+    "all_gather_coalesced",
     "all_gather_into_tensor",
+    "all_gather_single",
+    "_all_gather_base",
     "reduce_scatter",
     "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "_reduce_scatter_base",
     "broadcast",
     "reduce",
     "all_to_all",
@@ -55,6 +61,10 @@ COLLECTIVES = (
     "gather",
     "scatter",
     "barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
 )
 """The `torch.distributed` functions whose calls are timed."""
 
