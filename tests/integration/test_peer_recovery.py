@@ -89,3 +89,24 @@ def test_a_damaged_replica_is_skipped_for_the_next_source(tmp_path, reference):
     assert final.restored_step in (8, 9)
     assert final.sources[3] in (peer_source(2), PERSISTENT_TIER)
     assert final_state.compare_dirs(reference, tmp_path / "final", MACHINES) == []
+
+
+INTERLEAVED = dict(
+    link_bandwidth="1gbit",  # on loopback nothing is capped: only the schedule's cost model
+    agent_args=("--interleave", "--profile-iterations", "3", "--interleave-sub-buffers", "2"),
+)
+
+
+def test_with_interleaving_a_lost_machine_still_restores_from_its_peer(tmp_path, reference):
+    bed = run_job(tmp_path, ("kill-machine@step=10,machine=1",), **INTERLEAVED)
+    events = records(bed)
+    schedules = [e for e in events if e["event"] == ev.INTERLEAVE_SCHEDULE]
+    assert {e["machine"] for e in schedules} >= set(range(MACHINES))
+    assert all(e["interval"] == 1 and e["spans"] for e in schedules)
+    replicated = [e for e in events if e["event"] == ev.REPLICATED and e["generation"] == 0]
+    # Nothing is sent while the trainers profile (2 warm-up + 3 iterations after the restore).
+    assert replicated and min(e["step"] for e in replicated) >= 5
+    (recovery,) = bed.summary().recoveries
+    assert recovery.restored_step == 10
+    assert recovery.sources[1] == peer_source(0)
+    assert final_state.compare_dirs(reference, tmp_path / "final", MACHINES) == []
