@@ -211,7 +211,7 @@ def test_render_table(job):
     header = lines.index(next(line for line in lines if line.startswith("machine ")))
     assert lines[header].split() == [
         "machine", "lease", "pid", "host", "ranks", "reported", "gen", "step", "at", "failed",
-        "ranks", "done", "memory", "own+replicas", "replica", "lag",
+        "ranks", "done", "memory", "own+replicas", "replica", "lag", "interleaving",
     ]  # fmt: skip
     assert lines[header + 1].split()[:8] == [
         "0", "alive", f"{job.leases[0]:x}", "100", "h0", "0,1", "1", "6",
@@ -253,9 +253,10 @@ def test_memory_and_replica_lag_are_shown_per_machine(job):
             "last_step": 9,
             "memory": {"own": 4 << 20, "replicas": 8 << 20, "budget": 1 << 30},
             "replica_lag": {"1": 0, "2": None},
+            "interleave": {"profiled": True, "interval": 2, "chunks": 40, "in_window": 38},
         },
     )
     status = job.status()
     assert status["machines"][0]["memory"]["replicas"] == 8 << 20
     row = next(line for line in render_table(status) if line.startswith("0 "))
-    assert row.endswith("4.00 MiB+8.00 MiB    m1:0,m2:-")
+    assert row.endswith("4.00 MiB+8.00 MiB    m1:0,m2:-    every 2 it, 38/40 in idle time")

@@ -155,6 +155,7 @@ def machines_view(records: Records, generation: int) -> list[dict[str, Any]]:
                 "replaced_at": replaced.get(m, {}).get("replaced_at"),
                 "memory": status.get("memory"),
                 "replica_lag": status.get("replica_lag"),
+                "interleave": status.get("interleave"),
             }
         )
     return out

@@ -46,7 +46,8 @@ def _machine_rows(status: dict[str, Any]) -> list[str]:
         row += [m["ranks"], m["reported_generation"], m["last_step"], clock(m["reported_at"])]
         rows.append([*row, m["failed_ranks"], "yes" if m["done"] else None, *_replication(m)])
     headers = ["machine", "lease", "pid", "host", "ranks", "reported gen", "step", "at"]
-    return grid([*headers, "failed ranks", "done", "memory own+replicas", "replica lag"], rows)
+    replication = ["memory own+replicas", "replica lag", "interleaving"]
+    return grid([*headers, "failed ranks", "done", *replication], rows)
 
 
 def _replication(machine: dict[str, Any]) -> list[Any]:
@@ -55,7 +56,17 @@ def _replication(machine: dict[str, Any]) -> list[Any]:
     held = f"{format_size(memory['own'])}+{format_size(memory['replicas'])}" if memory else None
     lag = machine.get("replica_lag") or {}
     behind = [f"m{peer}:{'-' if steps is None else steps}" for peer, steps in sorted(lag.items())]
-    return [held, behind]
+    return [held, behind, _interleaving(machine.get("interleave"))]
+
+
+def _interleaving(state: dict[str, Any] | None) -> str | None:
+    """Whether replication waits for idle network time, and how its chunks were granted."""
+    if not state:
+        return None
+    if not state.get("profiled"):
+        return "profiling"
+    chunks = state.get("chunks", 0)
+    return f"every {state.get('interval')} it, {state.get('in_window', 0)}/{chunks} in idle time"
 
 
 def _timeline_lines(timeline: dict[str, Any] | None) -> list[str]:
