@@ -15,6 +15,10 @@ phase sleeps by default, leaving the CPU to the copy as a GPU step would (`--com
 one core busy instead). Writes JSON with min and median of `--repeats` runs and the ratios the
 goals are stated in.
 
+The FSDP2 case (`--fsdp2-sizes`, `fsdp2_case.py`) shards a state of that total size over 2 ranks
+with `fully_shard` and times each rank's saves the same way against a copy of its own shards; it
+also reports the bytes each rank's checkpoint holds, which must be its partition.
+
     python benchmarks/bench_snapshot.py --sizes 64MiB,256MiB,1GiB --out bench-results/snapshot.json
 """
 
@@ -160,6 +164,45 @@ def torch_save(state: tuple[Any, Any], directory: Path, fsync: bool) -> float:
     return took
 
 
+SAVE_SAMPLES = (
+    "plain_copy_s",
+    "save_sync_s",
+    "save_sync_until_committed_s",
+    "save_overlapped_blocking_s",
+    "save_overlapped_blocking_short_compute_s",
+)
+
+
+def time_saves(
+    agent: EmbeddedAgent, state: tuple[Any, Any], plain: PlainCopy, args: argparse.Namespace
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Samples of the plain copy and of each kind of save, repeat by repeat (and the warm-up's).
+
+    Ranks 0-2 of `agent` checkpoint `state`: a sync saver and two overlapped ones, with a compute
+    phase as long as the sync save until committed, or as the plain copy.
+    """
+    samples: dict[str, list[float]] = {k: [] for k in SAVE_SAMPLES}
+    first_saves: dict[str, list[float]] = {k: [] for k in SAVE_SAMPLES}
+    sync = Saver(agent, 0, "sync", state, args)
+    overlapped = Saver(agent, 1, "overlapped", state, args)
+    short = Saver(agent, 2, "overlapped", state, args)
+    warmup = 2  # each rank's first two saves allocate and map its two slots (reported apart)
+    for repeat in range(args.repeats + warmup):
+        row = {"plain_copy_s": clock(plain)}
+        row["save_sync_s"], row["save_sync_until_committed_s"] = sync.sync()
+        # "A compute phase as long as the copy": as long as this repeat's sync save took.
+        row["save_overlapped_blocking_s"] = overlapped.overlapped(
+            row["save_sync_until_committed_s"]
+        )
+        row["save_overlapped_blocking_short_compute_s"] = short.overlapped(row["plain_copy_s"])
+        target = samples if repeat >= warmup else first_saves
+        for key, value in row.items():
+            target[key].append(value)
+    for saver in (sync, overlapped, short):
+        saver.ckpt.close()
+    return samples, first_saves
+
+
 def run_size(nbytes: int, args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement for one state size.
 
@@ -171,38 +214,9 @@ def run_size(nbytes: int, args: argparse.Namespace) -> dict[str, Any]:
     state = make_state(nbytes)
     tensors = state_tensors(*state)
     total = sum(t.numel() * t.element_size() for t in tensors)
-    plain = PlainCopy(tensors)
-    samples: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "plain_copy_s",
-            "save_sync_s",
-            "save_sync_until_committed_s",
-            "save_overlapped_blocking_s",
-            "save_overlapped_blocking_short_compute_s",
-            "torch_save_shm_s",
-            "torch_save_disk_fsync_s",
-        )
-    }
-    first_saves: dict[str, list[float]] = {k: [] for k in samples}
     with EmbeddedAgent(world_size=3, memory_limit=7 * total + (64 << 20)) as agent:
-        sync = Saver(agent, 0, "sync", state, args)
-        overlapped = Saver(agent, 1, "overlapped", state, args)
-        short = Saver(agent, 2, "overlapped", state, args)
-        warmup = 2  # each rank's first two saves allocate and map its two slots (reported apart)
-        for repeat in range(args.repeats + warmup):
-            row = {"plain_copy_s": clock(plain)}
-            row["save_sync_s"], row["save_sync_until_committed_s"] = sync.sync()
-            # "A compute phase as long as the copy": as long as this repeat's sync save took.
-            row["save_overlapped_blocking_s"] = overlapped.overlapped(
-                row["save_sync_until_committed_s"]
-            )
-            row["save_overlapped_blocking_short_compute_s"] = short.overlapped(row["plain_copy_s"])
-            target = samples if repeat >= warmup else first_saves
-            for key, value in row.items():
-                target[key].append(value)
-        for saver in (sync, overlapped, short):
-            saver.ckpt.close()
+        samples, first_saves = time_saves(agent, state, PlainCopy(tensors), args)
+    samples["torch_save_shm_s"], samples["torch_save_disk_fsync_s"] = [], []
     for _ in range(args.repeats):
         samples["torch_save_shm_s"].append(torch_save(state, Path("/dev/shm"), fsync=False))
         samples["torch_save_disk_fsync_s"].append(
@@ -213,18 +227,18 @@ def run_size(nbytes: int, args: argparse.Namespace) -> dict[str, Any]:
         k: first_saves[k] for k in ("save_sync_s", "save_overlapped_blocking_s")
     }
     result["ratios"] = {
-        "sync_vs_plain_copy": _median_ratio(samples, "save_sync_s", "plain_copy_s"),
+        "sync_vs_plain_copy": median_ratio(samples, "save_sync_s", "plain_copy_s"),
         "sync_vs_torch_save_shm": (
             statistics.median(samples["save_sync_s"])
             / statistics.median(samples["torch_save_shm_s"])
         ),
-        "overlapped_blocking_vs_plain_copy": _median_ratio(
+        "overlapped_blocking_vs_plain_copy": median_ratio(
             samples, "save_overlapped_blocking_s", "plain_copy_s"
         ),
-        "overlapped_blocking_vs_plain_copy_short_compute": _median_ratio(
+        "overlapped_blocking_vs_plain_copy_short_compute": median_ratio(
             samples, "save_overlapped_blocking_short_compute_s", "plain_copy_s"
         ),
-        "sync_committed_vs_plain_copy": _median_ratio(
+        "sync_committed_vs_plain_copy": median_ratio(
             samples, "save_sync_until_committed_s", "plain_copy_s"
         ),
     }
@@ -232,7 +246,7 @@ def run_size(nbytes: int, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _median_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
+def median_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
     """Median over repeats of the per-repeat ratio (both measured within the same repeat)."""
     return statistics.median(a / b for a, b in zip(samples[num], samples[den], strict=True))
 
@@ -259,6 +273,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-size", default="4MiB")
     p.add_argument("--compute", choices=["sleep", "matmul"], default="sleep")
     p.add_argument("--disk-dir", default=tempfile.gettempdir())
+    p.add_argument(
+        "--fsdp2-sizes",
+        default="512MiB",
+        help="total state sizes of the FSDP2 case, sharded over 2 ranks ('' skips it)",
+    )
     p.add_argument("--out", default="bench-results/snapshot.json")
     return p.parse_args(argv)
 
@@ -267,6 +286,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, write the JSON, print a table; return the results."""
     args = parse_args(argv)
     results = [run_size(parse_size(s), args) for s in args.sizes.split(",")]
+    fsdp2 = []
+    if args.fsdp2_sizes:
+        # Imported here: it imports this module, and only the FSDP2 case needs torch's FSDP.
+        import fsdp2_case
+
+        fsdp2 = [fsdp2_case.run_fsdp2(parse_size(s), args) for s in args.fsdp2_sizes.split(",")]
     report = {
         "benchmark": "snapshot",
         "machine": {
@@ -278,12 +303,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "goals": GOALS,
         "results": results,
+        "fsdp2": fsdp2,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     for line in table(report):
         print(line)
+    if fsdp2:
+        for line in fsdp2_case.table(fsdp2):
+            print(line)
     return report
 
 

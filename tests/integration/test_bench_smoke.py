@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import bench_snapshot
@@ -21,6 +23,8 @@ def test_bench_snapshot_writes_json(tmp_path):
             "256KiB",
             "--disk-dir",
             str(tmp_path),
+            "--fsdp2-sizes",
+            "2MiB",
             "--out",
             str(out),
         ]
@@ -43,3 +47,11 @@ def test_bench_snapshot_writes_json(tmp_path):
         "overlapped_blocking_vs_plain_copy",
     }
     assert result["meets_goals"] is None  # goals are stated for 256 MiB and 1 GiB only
+    (fsdp2,) = written["fsdp2"]
+    assert fsdp2["bytes"] > 2_000_000
+    for rank in fsdp2["ranks"]:
+        # Each rank's checkpoint holds its own half of the state, nothing gathered.
+        assert rank["snapshot_is_partition"]
+        assert rank["snapshot_model_optimizer_bytes"] == rank["partition_bytes"]
+        assert rank["partition_bytes"] * 2 == pytest.approx(fsdp2["bytes"], rel=0.01)
+        assert len(rank["save_sync_s"]["samples"]) == 2

@@ -9,16 +9,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from gemini_ckpt.snapshot.sharded import local_shard
+
 
 def collect(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Any, step: int
 ) -> dict[str, Any]:
-    """Model, optimizer, scheduler, data position and every RNG state, as tensors and plain data."""
+    """Model, optimizer, scheduler, data position and every RNG state, as tensors and plain data.
+
+    A sharded (FSDP2) model's DTensors are kept as this rank's local shards.
+    """
     np_state: Any = np.random.get_state()
     return {
         "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": _local(model.state_dict()),
+        "optimizer": _local(optimizer.state_dict()),
         "scheduler": scheduler.state_dict(),
         "data": data.state_dict(),
         "rng": {
@@ -28,6 +33,16 @@ def collect(
             "numpy_pos": int(np_state[2]),
         },
     }
+
+
+def _local(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return local_shard(tree)
+    if isinstance(tree, dict):
+        return {k: _local(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_local(v) for v in tree)
+    return tree
 
 
 def write(state: dict[str, Any], directory: Path, rank: int) -> Path:

@@ -17,6 +17,7 @@ import torch
 
 from gemini_ckpt.errors import RestoreError
 from gemini_ckpt.snapshot.rng import capture_rng, restore_rng
+from gemini_ckpt.snapshot.sharded import ShardLoader, contains_shards, local_shard, meshes_of
 from gemini_ckpt.snapshot.tree import FlatState, flatten
 
 
@@ -49,12 +50,10 @@ class TrainingState:
         ptrs: set[int] = set()
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
-                ptrs.update(p.untyped_storage().data_ptr() for p in group["params"])
+                ptrs.update(_storage(p) for p in group["params"])
             for per_param in optimizer.state.values():
                 values = per_param.values() if isinstance(per_param, dict) else [per_param]
-                ptrs.update(
-                    v.untyped_storage().data_ptr() for v in values if isinstance(v, torch.Tensor)
-                )
+                ptrs.update(_storage(v) for v in values if isinstance(v, torch.Tensor))
         return ptrs
 
     def capture(self, *, clone_unstable: bool) -> FlatState:
@@ -96,6 +95,8 @@ class TrainingState:
             )
         _check_presence("lr_scheduler", tree["lr_scheduler"], self.lr_scheduler)
         _check_presence("extra_state", tree["extra_state"], self.extra_state)
+        if contains_shards(tree):
+            self._load_shards(tree)
         try:
             self.model.load_state_dict(tree["model"], strict=True)
             for optimizer, state in zip(self.optimizers, tree["optimizers"], strict=False):
@@ -107,6 +108,21 @@ class TrainingState:
         if self.extra_state is not None:
             self.extra_state.load_state_dict(tree["extra_state"])
         restore_rng(tree["rng"])
+
+    def _load_shards(self, tree: dict[str, Any]) -> None:
+        """Replace the saved shards in `tree` by the running job's DTensors, loaded in place."""
+        current = {
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+        }
+        params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+        meshes = meshes_of(current, list(self.model.parameters()), params)
+        ShardLoader(current, meshes).load(tree)
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    # A DTensor has no storage of its own; its local shard's is what the copy reads.
+    return local_shard(tensor).untyped_storage().data_ptr()
 
 
 def _check_presence(name: str, saved: Any, current: Stateful | None) -> None:

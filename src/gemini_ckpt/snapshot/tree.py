@@ -1,9 +1,11 @@
 """Flatten a training state into a JSON skeleton plus a list of tensors, and back.
 
 Tensor data never goes through pickle: each tensor becomes `{"__tensor__": i}` in the skeleton and
-its bytes travel separately. Everything else must be plain data (numbers, strings, bytes, None,
-lists, tuples and dicts of these, torch dtypes/sizes/devices, NumPy arrays and scalars). Anything
-else is refused with the path where it was found, so a restore can never execute code.
+its bytes travel separately. A DTensor becomes `{"__dtensor__": [i, sharding]}`: tensor i is its
+local shard, and it decodes to a `SavedShard` (see `snapshot.sharded`). Everything else must be
+plain data (numbers, strings, bytes, None, lists, tuples and dicts of these, torch
+dtypes/sizes/devices, NumPy arrays and scalars). Anything else is refused with the path where it
+was found, so a restore can never execute code.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from gemini_ckpt.errors import CorruptCheckpointError, SnapshotError
+from gemini_ckpt.snapshot.sharded import SavedShard, describe, is_sharded
 
 JSON = Any  # the skeleton: JSON-compatible values only
 
@@ -45,8 +48,8 @@ def _tensor_ref(tensor: torch.Tensor, path: str, tensors: list[torch.Tensor]) ->
         raise SnapshotError(f"meta tensor at {path} has no data to snapshot")
     if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
         raise SnapshotError(
-            f"tensor subclass {type(tensor).__name__} at {path} is not supported yet "
-            "(DTensor/FSDP2 state needs the FSDP2 integration)"
+            f"tensor subclass {type(tensor).__name__} at {path} is not supported "
+            "(plain tensors and DTensors are)"
         )
     tensors.append(tensor.detach().resolve_conj().resolve_neg())
     return len(tensors) - 1
@@ -63,6 +66,10 @@ class _Encoder:
             return value
         if isinstance(value, float):
             return value if math.isfinite(value) else {"__float__": repr(value)}
+        if is_sharded(value):
+            # The rank's shard only; its sharding rides in the skeleton (see snapshot.sharded).
+            local = _tensor_ref(value.to_local(), path, self.tensors)
+            return {"__dtensor__": [local, describe(value, path)]}
         if isinstance(value, torch.Tensor):
             return {"__tensor__": _tensor_ref(value, path, self.tensors)}
         if isinstance(value, (dict, OrderedDict)):
@@ -129,6 +136,7 @@ class _Decoder:
         self.tensors = tensors
         self._leaf: dict[str, Callable[[Any], Any]] = {
             "__tensor__": self._tensor,
+            "__dtensor__": lambda pair: SavedShard(self._tensor(pair[0]), pair[1]),
             "__ndarray__": self._ndarray,
             "__tuple__": lambda items: tuple(self.decode(v) for v in items),
             "__float__": float,
