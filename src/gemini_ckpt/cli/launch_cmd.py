@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import re
 import secrets
@@ -145,8 +146,38 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         help="m: copies of every machine's checkpoint in CPU memory, its own included "
         "(the other m-1 on peers chosen by group placement; 1: no peer copies)",
     )
-    parser.add_argument("script", help="the training script (as for torchrun)")
+    parser.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default=_env("WORKLOAD", "") or None,
+        help="run a built-in training script instead of SCRIPT; its arguments follow `--` "
+        "(emulated: a Table 2 model's real collectives with compute as sleep; see "
+        "`python -m gemini_ckpt.demo.emulated --help`)",
+    )
+    parser.add_argument("script", nargs="?", help="the training script (as for torchrun)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+
+
+WORKLOADS = {"emulated": "gemini_ckpt.demo.emulated"}
+"""Built-in training scripts for --workload: name -> module."""
+
+
+def resolve_workload(args: argparse.Namespace) -> None:
+    """Turn `--workload NAME [-- ARGS]` into the script and its arguments, in place.
+
+    Raises:
+        ConfigError: neither a script nor a workload is given, or both are.
+    """
+    if args.workload is None:
+        if not args.script:
+            raise ConfigError("a training script (or --workload NAME) is required")
+        return
+    spec = importlib.util.find_spec(WORKLOADS[args.workload])
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"workload {args.workload} is not installed")
+    # argparse puts the first argument after `--` into `script`.
+    args.script_args = [args.script, *args.script_args] if args.script else []
+    args.script = spec.origin
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -228,6 +259,7 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
             f"--run-id {args.run_id!r} must be 1-64 letters, digits, '.', '_' or '-' "
             "(it names files and directories)"
         )
+    resolve_workload(args)
     if not Path(args.script).is_file():
         raise ConfigError(f"training script {args.script} does not exist")
     specs = [parse_fault(text) for text in args.fault]

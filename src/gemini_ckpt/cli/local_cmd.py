@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from gemini_ckpt.cli.launch_cmd import add_common_options
+from gemini_ckpt.cli.launch_cmd import add_common_options, resolve_workload
 from gemini_ckpt.cli.launch_cmd import env_or as env
 from gemini_ckpt.cli.progress import event_line, summary_lines
 from gemini_ckpt.errors import ConfigError
@@ -106,6 +106,7 @@ class _Cleanup(argparse.Action):
 
 def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
     """The test bed spec the options describe."""
+    resolve_workload(args)
     fields: dict[str, object] = {
         "machines": args.machines,
         "nproc_per_machine": args.nproc_per_machine,
