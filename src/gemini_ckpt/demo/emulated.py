@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--replicated-timeout", type=float, default=60.0)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=1234, help="seeds every RNG (per rank)")
     p.add_argument("--timings", type=Path, default=None, help="directory for rank<r>.jsonl")
     p.add_argument("--final-state", type=Path, default=None)
     return p.parse_args(argv)
@@ -175,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     plan = make_plan(args, world)
+    # Nothing here draws random numbers, but the RNG states are checkpointed and compared.
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
     model = ShardState(plan.state_elements())
     optimizer = EmulatedAdam([model.master], args.lr)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
