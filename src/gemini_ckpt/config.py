@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gemini_ckpt.errors import ConfigError
+from gemini_ckpt.interleave.settings import InterleaveSettings, ProfileSettings
 
 # Environment contract between the agent and the trainer processes it starts.
 ENV_AGENT_SOCKET = "GEMINI_AGENT_SOCKET"
@@ -22,11 +23,16 @@ ENV_SNAPSHOT_MODE = "GEMINI_SNAPSHOT_MODE"
 ENV_COPY_THREADS = "GEMINI_COPY_THREADS"
 ENV_CHUNK_SIZE = "GEMINI_CHUNK_SIZE"
 ENV_REQUEST_TIMEOUT = "GEMINI_REQUEST_TIMEOUT"
+ENV_PROFILE = "GEMINI_PROFILE"
+"""Set when the agent interleaves replication: the trainer profiles its collectives."""
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
 
 SNAPSHOT_MODES = ("overlapped", "sync")
+
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$")
+_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
 
 
 def parse_size(text: str) -> int:
@@ -43,6 +49,24 @@ def parse_size(text: str) -> int:
     prefix = unit[:1] if unit[:1] in "kmgt" else ""
     scale = 1024 ** "_kmgt".index(prefix) if binary and prefix else _UNITS[prefix]
     return int(number * scale)
+
+
+def parse_rate(text: str) -> int:
+    """A link rate in tc's notation (`200mbit`, `1gbit`, `1.5gbit`) as bits per second.
+
+    Raises:
+        ConfigError: not a number followed by bit, kbit, mbit, gbit or tbit, or below 1 kbit/s.
+    """
+    match = _RATE.match(text.strip().lower())
+    if match is None:
+        raise ConfigError(
+            f"--link-bandwidth {text!r} is not a rate: expected a number followed by bit, kbit, "
+            "mbit, gbit or tbit (decimal units, as tc uses), e.g. 200mbit or 1gbit"
+        )
+    bits = int(float(match.group(1)) * _RATE_UNITS[match.group(2)])
+    if bits < 1000:
+        raise ConfigError(f"--link-bandwidth {text!r} is below the 1kbit minimum")
+    return bits
 
 
 def format_size(nbytes: float) -> str:
@@ -77,6 +101,9 @@ class TrainerConfig:
     copy_threads: int = field(default_factory=default_copy_threads)
     chunk_size: int = 4 << 20
     request_timeout_s: float = 600.0
+    profile: ProfileSettings | None = None
+    """Profile the network idle time of iterations for the agent (None: the agent does not
+    interleave its traffic)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -119,9 +146,15 @@ class TrainerConfig:
                 copy_threads=int(env.get(ENV_COPY_THREADS, str(default_copy_threads()))),
                 chunk_size=parse_size(env.get(ENV_CHUNK_SIZE, str(4 << 20))),
                 request_timeout_s=float(env.get(ENV_REQUEST_TIMEOUT, "600")),
+                profile=_profile_from_env(env),
             )
         except ValueError as e:
             raise ConfigError(f"invalid Gemini environment for this trainer: {e}") from e
+
+
+def _profile_from_env(env: Mapping[str, str]) -> ProfileSettings | None:
+    text = env.get(ENV_PROFILE, "")
+    return ProfileSettings.from_env(text) if text else None
 
 
 @dataclass(frozen=True)
@@ -174,6 +207,8 @@ class AgentConfig:
     job_secret_file: Path | None = None
     """File holding the job's secret that authenticates agents to each other (None: the
     GEMINI_JOB_SECRET variable, else one the agents share through etcd)."""
+    interleave: InterleaveSettings | None = None
+    """Send replicas only in the training network's idle time (None: as soon as committed)."""
 
     def __post_init__(self) -> None:
         self._check_replication()

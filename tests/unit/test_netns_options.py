@@ -30,7 +30,7 @@ def test_a_rate_below_one_kbit_is_refused():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ((False, 2, "1gbit", 0, ""), "--link-bandwidth 1gbit needs --netns"),
+        ((False, 2, "1gb", 0, ""), "not a rate"),
         ((True, 2, "", 1, ""), "does not support warm standbys"),
         ((True, 2, "", 0, "127.0.0.1:2379"), "unreachable there"),
         ((True, 254, "", 0, ""), r"1\.\.253 machines, got 254"),
@@ -44,6 +44,7 @@ def test_options_that_cannot_work_together_are_refused(options, message):
 
 def test_loopback_and_shaped_options_that_fit_are_accepted():
     netns.check_testbed_options(False, 4, "", 2, "127.0.0.1:2379")
+    netns.check_testbed_options(False, 4, "1gbit", 0, "")  # the cost model of --interleave
     netns.check_testbed_options(True, 4, "1gbit", 0, "")
 
 

@@ -22,7 +22,8 @@ from gemini_ckpt.agent.replicas import ReplicaRole, resolve_secret
 from gemini_ckpt.agent.reporting import StatusReporter
 from gemini_ckpt.agent.root import RootRole
 from gemini_ckpt.agent.server import ControlServer
-from gemini_ckpt.agent.service import Connection, ServiceHooks, TrainerService
+from gemini_ckpt.agent.service import TrainerService
+from gemini_ckpt.agent.service_hooks import Connection, ServiceHooks
 from gemini_ckpt.agent.staging import stage_plan
 from gemini_ckpt.agent.workers import (
     GroupState,
@@ -112,6 +113,7 @@ class MachineAgent:
             ServiceHooks(
                 on_step=self._on_step,
                 timeline=lambda g, fields: self._plane.record_timeline(g, config.machine, fields),
+                **self._replicas.service_hooks(),
             ),
         )
         self._server = ControlServer(

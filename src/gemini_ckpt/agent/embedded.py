@@ -12,7 +12,8 @@ from typing import Any
 
 from gemini_ckpt.agent.fault_injector import FaultInjector
 from gemini_ckpt.agent.server import ControlServer
-from gemini_ckpt.agent.service import Connection, ServiceHooks, TrainerService
+from gemini_ckpt.agent.service import TrainerService
+from gemini_ckpt.agent.service_hooks import Connection, ServiceHooks
 from gemini_ckpt.config import AgentConfig, TrainerConfig, shm_root
 from gemini_ckpt.coordination.job import JobCoordinator
 from gemini_ckpt.coordination.kv import MemoryKV

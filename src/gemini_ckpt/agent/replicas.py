@@ -18,12 +18,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from gemini_ckpt.agent.interleaving import TrafficShaper
 from gemini_ckpt.config import AgentConfig, job_secret_from_env
 from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.errors import CorruptCheckpointError, ReplicationError
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
 from gemini_ckpt.placement import place
+from gemini_ckpt.protocol.messages import Request
 from gemini_ckpt.recovery.plan import peer_source
 from gemini_ckpt.replication import (
     SECRET_ENV,
@@ -93,6 +95,18 @@ class ReplicaRole:
         self._sent: dict[int, dict[int, int]] = {peer: {} for peer in self.peers}
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
+        self.shaper = TrafficShaper(
+            config.interleave, config.ranks, len(self.peers), self._shard_bytes, event_log
+        )
+
+    def _shard_bytes(self) -> int:
+        """Bytes of this machine's newest checkpoint (every local rank's)."""
+        total = 0
+        for rank in self._config.ranks:
+            step = self._own.latest(rank)
+            ref = self._own.locate(rank, step) if step is not None else None
+            total += ref.manifest.data_nbytes if ref is not None else 0
+        return total
 
     @property
     def enabled(self) -> bool:
@@ -154,6 +168,7 @@ class ReplicaRole:
         with self._cond:
             self._generation = generation
             self._sending = False
+        self.shaper.enter(generation)
 
     def inventory(self) -> dict[int, list[int]]:
         """Complete replicas held, per rank of another machine."""
@@ -188,6 +203,22 @@ class ReplicaRole:
         """A local rank committed a step: wake the senders."""
         with self._cond:
             self._cond.notify_all()
+
+    def service_hooks(self) -> dict[str, Any]:
+        """What the trainer service passes on: commits (iteration starts) and two requests."""
+        return {
+            "on_commit": self.shaper.committed,
+            "handlers": {
+                "profile": self.shaper.profile_request,
+                "replicated": self.replicated_request,
+            },
+        }
+
+    def replicated_request(self, request: Request) -> dict[str, Any]:
+        """A trainer's `replicated`: wait until the peers hold its step (blocking checkpoints)."""
+        if not self.enabled:
+            return {"replicated": False}
+        return {"replicated": self.wait_replicated(request["step"], float(request["timeout_s"]))}
 
     def wait_replicated(self, step: int, timeout_s: float) -> bool:
         """Wait until every peer holds `step` (or newer) of every local rank; True if so."""
@@ -224,6 +255,7 @@ class ReplicaRole:
                 "budget": own.budget,
             },
             "replica_lag": {str(p): lag for p, lag in self.lag().items()},
+            **self.shaper.status(),
         }
 
     def _work(self, peer: int) -> list[tuple[int, int]]:
@@ -242,7 +274,11 @@ class ReplicaRole:
             )
             if self._closed:
                 return None
-            if not self._sending or self._partitioned_until > time.monotonic():
+            if (
+                not self._sending
+                or self._partitioned_until > time.monotonic()
+                or not self.shaper.ready()
+            ):
                 return [], self._generation, ""
             return self._work(peer), self._generation, self._addresses.get(peer, "")
 
@@ -275,11 +311,22 @@ class ReplicaRole:
         ref = self._own.locate(rank, step)
         if ref is None:
             return None  # dropped or overwritten already: a newer step is next
-        result = link.push(self._own, ref, generation, self._corrupt(rank, step))
+        pacing = self.shaper.pacing(lambda: self._closed or self._generation != generation)
+        result = link.push(self._own, ref, generation, self._corrupt(rank, step), pacing)
         if result.ok:
             with self._cond:
                 self._sent[peer][rank] = max(step, self._sent[peer].get(rank, -1))
                 self._cond.notify_all()
+            if result.nbytes:
+                self._events.emit(
+                    events.REPLICATED,
+                    generation=generation,
+                    rank=rank,
+                    step=step,
+                    peer=peer,
+                    nbytes=result.nbytes,
+                    seconds=round(result.seconds, 6),
+                )
             return None
         if result.status is PushStatus.SKIPPED:
             return None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gemini_ckpt.agent.fault_injector import FaultInjector
+from gemini_ckpt.agent.service_hooks import Connection, ServiceHooks
 from gemini_ckpt.agent.step_reports import StepReporter
 from gemini_ckpt.config import AgentConfig
 from gemini_ckpt.coordination.job import JobCoordinator
@@ -34,37 +35,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Connection:
-    """Per-connection state: its rank, its generation, and the step it is writing.
-
-    A closed connection aborts only the write it began itself.
-    """
-
-    peer_pid: int = 0
-    """The trainer's process id as the kernel reports it (not as the trainer claims)."""
-    rank: int | None = None
-    generation: int = -1
-    writing: int | None = None
-
-
-@dataclass
 class _Progress:
     reported: int | None = None
     at: float = field(default_factory=time.monotonic)
     timings: dict[int, dict[int, Any]] = field(default_factory=dict)
     timings_seen: bool = False
     """Whether this generation completed a step on this machine yet (its timeline's last mark)."""
-
-
-@dataclass(frozen=True)
-class ServiceHooks:
-    """What the agent wants to hear from the service as trainers report."""
-
-    on_step: Callable[[int], None] | None = None
-    """Every rank of this machine committed this step."""
-    timeline: Callable[[int, dict[str, Any]], None] | None = None
-    """Add fields to this machine's part of a generation's recovery timeline (may block on etcd;
-    called from a reporter thread, never from a trainer's request)."""
 
 
 class TrainerService:
@@ -81,6 +57,7 @@ class TrainerService:
     ) -> None:
         hooks = hooks or ServiceHooks()
         self._on_step = hooks.on_step
+        self._on_commit = hooks.on_commit
         self._config = config
         self._store = store
         self._coordinator = coordinator
@@ -107,6 +84,8 @@ class TrainerService:
             "failpoint": self._failpoint,
             "stats": self._stats,
         }
+        for op, answer in hooks.handlers.items():
+            self._handlers[op] = _ignoring_connection(answer)
 
     # -- called by the agent's run loop ----------------------------------------------------------
 
@@ -236,6 +215,8 @@ class TrainerService:
         self._store.commit(rank, request["slot"], manifest)
         conn.writing = None
         self._record_progress(rank, manifest.step, timing)
+        if self._on_commit is not None:
+            self._on_commit(rank, manifest.step, timing)
         self._injector.after_commit(rank, manifest.step, self.pid(rank), self._store)
         return {}
 
@@ -386,6 +367,12 @@ class TrainerService:
             "reserved": usage.reserved,
             "inventory": {str(r): s for r, s in self._store.inventory().items()},
         }
+
+
+def _ignoring_connection(
+    answer: Callable[[Request], dict[str, Any]],
+) -> Callable[[Request, Connection], dict[str, Any]]:
+    return lambda request, _conn: answer(request)
 
 
 def _alive(pid: int) -> bool:

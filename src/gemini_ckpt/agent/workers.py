@@ -91,6 +91,7 @@ def worker_env(config: cfg.AgentConfig, local_rank: int, rdzv: Rendezvous) -> di
         cfg.ENV_AGENT_SOCKET: str(config.socket_path),
         cfg.ENV_SNAPSHOT_MODE: config.snapshot_mode,
         "GEMINI_MACHINE": str(config.machine),
+        cfg.ENV_PROFILE: config.interleave.profile().to_env() if config.interleave else "",
     }
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import re
 import secrets
@@ -22,6 +21,8 @@ from types import FrameType
 from gemini_ckpt import config as cfg
 from gemini_ckpt.agent.agent import MachineAgent
 from gemini_ckpt.agent.standby import await_assignment
+from gemini_ckpt.cli.interleave_opts import add_interleave_options, interleave_settings
+from gemini_ckpt.cli.workload_opts import add_workload_option, resolve_workload
 from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.coordination.etcd_kv import EtcdKV
 from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
@@ -146,38 +147,10 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         help="m: copies of every machine's checkpoint in CPU memory, its own included "
         "(the other m-1 on peers chosen by group placement; 1: no peer copies)",
     )
-    parser.add_argument(
-        "--workload",
-        choices=sorted(WORKLOADS),
-        default=_env("WORKLOAD", "") or None,
-        help="run a built-in training script instead of SCRIPT; its arguments follow `--` "
-        "(emulated: a Table 2 model's real collectives with compute as sleep; see "
-        "`python -m gemini_ckpt.demo.emulated --help`)",
-    )
+    add_interleave_options(parser)
+    add_workload_option(parser)
     parser.add_argument("script", nargs="?", help="the training script (as for torchrun)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
-
-
-WORKLOADS = {"emulated": "gemini_ckpt.demo.emulated"}
-"""Built-in training scripts for --workload: name -> module."""
-
-
-def resolve_workload(args: argparse.Namespace) -> None:
-    """Turn `--workload NAME [-- ARGS]` into the script and its arguments, in place.
-
-    Raises:
-        ConfigError: neither a script nor a workload is given, or both are.
-    """
-    if args.workload is None:
-        if not args.script:
-            raise ConfigError("a training script (or --workload NAME) is required")
-        return
-    spec = importlib.util.find_spec(WORKLOADS[args.workload])
-    if spec is None or spec.origin is None:
-        raise ConfigError(f"workload {args.workload} is not installed")
-    # argparse puts the first argument after `--` into `script`.
-    args.script_args = [args.script, *args.script_args] if args.script else []
-    args.script = spec.origin
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -297,6 +270,7 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
         replicas=args.replicas,
         replica_port=args.replica_port,
         job_secret_file=Path(args.job_secret_file) if args.job_secret_file else None,
+        interleave=interleave_settings(args),
     )
     return dataclasses.replace(
         config, faults=tuple(f for f in faults if f.targets(config.machine, config.ranks))

@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from gemini_ckpt.cli.launch_cmd import add_common_options, resolve_workload
+from gemini_ckpt.cli.interleave_opts import interleave_settings
+from gemini_ckpt.cli.launch_cmd import add_common_options
 from gemini_ckpt.cli.launch_cmd import env_or as env
 from gemini_ckpt.cli.progress import event_line, summary_lines
+from gemini_ckpt.cli.workload_opts import resolve_workload
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.observability.summary import RunSummary
 from gemini_ckpt.store.files import parse_location
@@ -75,12 +77,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="put each machine in its own network namespace, cabled to one switch (root only)",
     )
     p.add_argument(
-        "--link-bandwidth",
-        metavar="RATE",
-        default=env("LINK_BANDWIDTH", ""),
-        help="with --netns: cap each machine's link to RATE each way, e.g. 1gbit or 200mbit",
-    )
-    p.add_argument(
         "--cleanup",
         action=_Cleanup,
         help="remove every namespace --netns test beds left behind (also running ones) and exit",
@@ -132,9 +128,29 @@ def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
         "replicas": args.replicas,
         "netns": args.netns,
         "link_bandwidth": args.link_bandwidth,
+        "agent_args": _interleave_args(args),
     }
     fields.update(overrides)
     return LocalSpec(**fields)  # type: ignore[arg-type]
+
+
+def _interleave_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The agents' interleaving options (checked here, so a bad one fails before anything runs)."""
+    if interleave_settings(args) is None:
+        return ()
+    return (
+        "--interleave",
+        "--interleave-buffer",
+        args.interleave_buffer,
+        "--interleave-sub-buffers",
+        str(args.interleave_sub_buffers),
+        "--interleave-margin",
+        str(args.interleave_margin),
+        "--link-latency",
+        str(args.link_latency),
+        "--profile-iterations",
+        str(args.profile_iterations),
+    )
 
 
 def run_testbed(

@@ -201,3 +201,63 @@ def _check_comparable(profiles: Sequence[IdleProfile]) -> None:
                 f"profiles[{index}] has {len(profile.spans)} idle spans, profiles[0] has "
                 f"{expected}: spans are compared position by position"
             )
+
+
+def merge_profiles(profiles: Sequence[IdleProfile], min_span_seconds: float = 0.0) -> IdleProfile:
+    """The time idle for every one of several processes sharing one link (a machine's ranks).
+
+    Each profile's busy time (its complement) is merged; what no process uses stays idle. The
+    iteration time is the longest of them.
+
+    Raises:
+        ConfigError: no profiles.
+    """
+    if not profiles:
+        raise ConfigError("profiles is empty: at least one process's profile is needed")
+    period = max(profile.iteration_seconds for profile in profiles)
+    busy: list[tuple[float, float]] = []
+    for profile in profiles:
+        cursor = 0.0
+        for span in profile.spans:
+            busy.append((cursor, span.start))
+            cursor = span.end
+        busy.append((cursor, period))
+    return idle_spans(busy, period, min_span_seconds)
+
+
+def profile_to_dict(profile: IdleProfile) -> dict[str, object]:
+    """A JSON-ready form of `profile` (the inverse of `profile_from_dict`)."""
+    return {
+        "iteration_s": profile.iteration_seconds,
+        "spans": [[span.start, span.length] for span in profile.spans],
+    }
+
+
+MAX_SPANS = 10_000
+"""Most idle spans a profile received from a trainer may have."""
+
+
+def profile_from_dict(raw: object) -> IdleProfile:
+    """Read a profile a trainer sent.
+
+    Raises:
+        ConfigError: the value is not a profile (the message says what is wrong).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a profile must be an object, got {type(raw).__name__}")
+    spans = raw.get("spans")
+    if not isinstance(spans, list) or len(spans) > MAX_SPANS:
+        raise ConfigError(f"profile spans must be a list of at most {MAX_SPANS} [start, length]")
+    parsed = []
+    for index, pair in enumerate(spans):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(_number(v) for v in pair)):
+            raise ConfigError(f"profile spans[{index}] is not [start, length]: {pair!r}")
+        parsed.append(IdleSpan(float(pair[0]), float(pair[1])))
+    period = raw.get("iteration_s")
+    if not _number(period):
+        raise ConfigError(f"profile iteration_s must be a number, got {period!r}")
+    return IdleProfile(float(period), tuple(parsed))  # type: ignore[arg-type]
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -41,6 +41,10 @@ REPLICA_FETCHED = "replica_fetched"
 REPLICA_REJECTED = "replica_rejected"
 """This machine refused a peer's push (a chunk failed verification, no memory, ...)."""
 PARTITIONED = "partitioned"
+REPLICATED = "replicated"
+"""A peer verified and committed a step of one rank (per push: the benchmarks count them)."""
+INTERLEAVE_SCHEDULE = "interleave_schedule"
+"""A machine's idle-span profile and the checkpoint schedule derived from it."""
 """The partition fault cut this machine's replication off for a while."""
 
 

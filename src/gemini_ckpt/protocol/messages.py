@@ -6,6 +6,8 @@ Every request is `{"op": NAME, "id": N, ...fields}`; every reply is `{"id": N, "
 Call order for one rank: `hello`, then `restore` (which may be followed by `restored` or
 `report_corrupt`), then per step `allocate` (only when the state grew), `begin`, `commit` (or
 `abort`). `failpoint` is sent by a trainer that reached an armed fault point; the agent kills it.
+`profile` carries the idle spans of the trainer's iterations (when the agent interleaves its
+replication traffic); `replicated` waits until the placement peers hold a step.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "report_corrupt": {"rank": int, "step": int, "detail": str},
     "failpoint": {"rank": int, "name": str, "step": int},
     "stats": {},
+    "profile": {"rank": int, "profile": dict},
+    "replicated": {"rank": int, "step": int, "timeout_s": (int, float)},
 }
 
 
@@ -70,7 +74,7 @@ def parse_request(message: dict[str, Any]) -> Request:
     return Request(op, request_id, fields)
 
 
-_TIMING_FIELDS = ("blocking_s", "copy_s", "iteration_s")
+_TIMING_FIELDS = ("blocking_s", "copy_s", "iteration_s", "iteration_start")
 _MAX_METRICS = 32
 
 

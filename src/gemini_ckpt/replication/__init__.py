@@ -26,6 +26,7 @@ from gemini_ckpt.replication.fetch import (
 from gemini_ckpt.replication.mapping import SlotMappings
 from gemini_ckpt.replication.sender import (
     Backoff,
+    Pacing,
     PeerLink,
     PushResult,
     PushStatus,
@@ -43,6 +44,7 @@ __all__ = [
     "Endpoint",
     "FetchResult",
     "Holdings",
+    "Pacing",
     "PeerLink",
     "PushResult",
     "PushStatus",

@@ -6,6 +6,7 @@ One push on one connection:
     us -> peer   {"ok": true}  (slot granted)  or  {"ok": false, "error"}  (refused; nothing sent)
                  or  {"ok": true, "held": true}  (that very checkpoint is held already: done)
     peer -> us   {"op": "chunk", rank, step, index, digest} + chunk bytes   (each chunk, in order)
+    us -> peer   {"ok": true, "ack": index}   (only for a chunk whose frame asks with "ack": true)
     peer -> us   {"op": "commit"}  or, at any point,  {"op": "abort", "reason"}
     us -> peer   {"ok": true}  or  {"ok": false, "error"}
 
@@ -153,6 +154,10 @@ class PushReceiver:
             received = wire.recv_hashed_into(sock, write.view[start:end])
             if received != manifest.chunk_digests[index]:
                 write.rejected.append(str(index))
+            if header.get("ack") is True:
+                # A paced sender keeps a bounded number of chunks in flight (its sub-buffers);
+                # the verdict on the chunk still comes with the commit.
+                wire.send(sock, {"ok": True, "ack": index})
         header = self._next(sock, where)
         if header.get("op") == "abort":
             return self._aborted(sock, where, manifest, header)

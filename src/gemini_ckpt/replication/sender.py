@@ -19,11 +19,14 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
 
 from gemini_ckpt.errors import ConfigError, GeminiError, ReplicationError
+from gemini_ckpt.interleave.pacer import LinkPacer
+from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.replication import wire
 from gemini_ckpt.replication.auth import AuthenticationError, Credentials
 from gemini_ckpt.replication.connection import Timeouts, call, connect, expect_ok
@@ -92,6 +95,22 @@ class Backoff:
             raise ConfigError(f"backoff of {self.first_s} s up to {self.max_s} s is not valid")
 
 
+@dataclass(frozen=True)
+class Pacing:
+    """How a push interleaves with training: chunks wait for link time in idle windows.
+
+    Chunks go in units of at most `unit_bytes` (one sub-buffer, R/p; at least one chunk), each
+    granted by `pacer` before it leaves; at most `window` units (the p sub-buffers) are
+    unacknowledged at once, so 1 means each unit waits for the peer to have stored the previous.
+    `cancelled()` ends a wait for link time (the generation changed or the agent stops).
+    """
+
+    pacer: LinkPacer
+    unit_bytes: int
+    window: int
+    cancelled: Callable[[], bool] = lambda: False
+
+
 class PeerLink:
     """A persistent authenticated connection to one peer's replication server.
 
@@ -142,7 +161,12 @@ class PeerLink:
         self.close()
 
     def push(
-        self, store: LocalStore, ref: SlotRef, generation: int, corrupt_chunk: int | None = None
+        self,
+        store: LocalStore,
+        ref: SlotRef,
+        generation: int,
+        corrupt_chunk: int | None = None,
+        pacing: Pacing | None = None,
     ) -> PushResult:
         """Send `ref`'s committed checkpoint, read from `store`'s shared memory, to the peer.
 
@@ -151,11 +175,12 @@ class PeerLink:
         its digest was taken, so the peer must reject the push. Never raises for the peer's
         sake: every outcome is a `PushResult`. Blocks for at most the connect timeout when the
         link must reconnect, not at all while backing off, and otherwise for as long as the
-        bytes take (each send or receive bounded by the i/o timeout).
+        bytes take (each send or receive bounded by the i/o timeout) and, with `pacing`, the
+        waits for idle link time.
         """
         started = time.monotonic()
         with self._lock:
-            outcome = self._push(store, ref, generation, corrupt_chunk)
+            outcome = self._push(store, ref, generation, corrupt_chunk, pacing)
         status, reason, sent = outcome
         result = PushResult(
             status,
@@ -171,7 +196,12 @@ class PeerLink:
         return result
 
     def _push(
-        self, store: LocalStore, ref: SlotRef, generation: int, corrupt_chunk: int | None
+        self,
+        store: LocalStore,
+        ref: SlotRef,
+        generation: int,
+        corrupt_chunk: int | None,
+        pacing: Pacing | None,
     ) -> tuple[PushStatus, str, int]:
         try:
             sock = self._connection()
@@ -181,7 +211,7 @@ class PeerLink:
             return PushStatus.UNREACHABLE, str(e), 0
         progress = [0]
         try:
-            return self._send(sock, store, ref, generation, corrupt_chunk, progress)
+            return self._send(sock, store, ref, (generation, corrupt_chunk), pacing, progress)
         except (wire.WireError, OSError) as e:
             self._drop()
             reason = f"connection to {self.where} broke: {e or type(e).__name__}"
@@ -196,10 +226,11 @@ class PeerLink:
         sock: socket.socket,
         store: LocalStore,
         ref: SlotRef,
-        generation: int,
-        corrupt_chunk: int | None,
+        push: tuple[int, int | None],
+        pacing: Pacing | None,
         progress: list[int],
     ) -> tuple[PushStatus, str, int]:
+        generation, corrupt_chunk = push
         manifest = ref.manifest
         if not store.unchanged(ref):
             return PushStatus.SKIPPED, "the source slot was overwritten before the push", 0
@@ -210,20 +241,36 @@ class PeerLink:
         )
         if reply.get("held"):
             return PushStatus.REPLICATED, "the peer already held it", 0
-        for index in range(manifest.num_chunks):
-            start, end = manifest.chunk_range(index)
-            payload = view[start:end]
-            frame = {"op": "chunk", "rank": ref.rank, "step": manifest.step, "index": index}
-            frame["digest"] = manifest.chunk_digests[index]
-            wire.send(sock, frame, _flipped(payload) if index == corrupt_chunk else payload)
-            progress[0] += end - start
-            if not store.unchanged(ref):
-                reason = f"the source slot was overwritten after chunk {index}"
-                wire.send(sock, {"op": "abort", "reason": reason})
-                expect_ok(sock, self.where, "abort")
-                return PushStatus.SKIPPED, reason, progress[0]
+        acks = _Acks(sock, self.where, pacing.window if pacing else 0)
+        for unit in _units(manifest, pacing.unit_bytes if pacing else 0):
+            if pacing is not None and not pacing.pacer.acquire(
+                _unit_bytes(manifest, unit), pacing.cancelled
+            ):
+                return self._abort(sock, acks, "the push was cancelled", progress)
+            for index in unit:
+                start, end = manifest.chunk_range(index)
+                payload = view[start:end]
+                frame = {"op": "chunk", "rank": ref.rank, "step": manifest.step, "index": index}
+                frame["digest"] = manifest.chunk_digests[index]
+                if pacing is not None and index == unit[-1]:
+                    frame["ack"] = True
+                wire.send(sock, frame, _flipped(payload) if index == corrupt_chunk else payload)
+                progress[0] += end - start
+                if not store.unchanged(ref):
+                    reason = f"the source slot was overwritten after chunk {index}"
+                    return self._abort(sock, acks, reason, progress)
+            acks.sent()
+        acks.drain()
         call(sock, self.where, {"op": "commit"})
         return PushStatus.REPLICATED, "", progress[0]
+
+    def _abort(
+        self, sock: socket.socket, acks: _Acks, reason: str, progress: list[int]
+    ) -> tuple[PushStatus, str, int]:
+        acks.drain()
+        wire.send(sock, {"op": "abort", "reason": reason})
+        expect_ok(sock, self.where, "abort")
+        return PushStatus.SKIPPED, reason, progress[0]
 
     def _connection(self) -> socket.socket:
         """The open connection, or a new one unless backing off.
@@ -271,6 +318,50 @@ def push_replica(
     For a one-off push: `with PeerLink(endpoint, credentials) as link: push_replica(link, ...)`.
     """
     return link.push(store, ref, generation, corrupt_chunk)
+
+
+class _Acks:
+    """The units sent and not yet acknowledged; at most `window` (0: no acknowledgements)."""
+
+    def __init__(self, sock: socket.socket, where: str, window: int) -> None:
+        self._sock, self._where, self._window = sock, where, window
+        self._outstanding = 0
+
+    def sent(self) -> None:
+        """A unit left; wait for the oldest acknowledgement while the window is full."""
+        if self._window <= 0:
+            return
+        self._outstanding += 1
+        while self._outstanding >= self._window:
+            self._receive()
+
+    def drain(self) -> None:
+        """Wait for every outstanding acknowledgement (before a commit or an abort)."""
+        while self._outstanding > 0:
+            self._receive()
+
+    def _receive(self) -> None:
+        expect_ok(self._sock, self._where, "a chunk")
+        self._outstanding -= 1
+
+
+def _units(manifest: Manifest, unit_bytes: int) -> list[list[int]]:
+    """Chunk indices grouped into units of at most `unit_bytes` (at least one chunk each)."""
+    units: list[list[int]] = []
+    size = 0
+    for index in range(manifest.num_chunks):
+        start, end = manifest.chunk_range(index)
+        if units and unit_bytes > 0 and size + (end - start) <= unit_bytes:
+            units[-1].append(index)
+            size += end - start
+        else:
+            units.append([index])
+            size = end - start
+    return units
+
+
+def _unit_bytes(manifest: Manifest, unit: list[int]) -> int:
+    return manifest.chunk_range(unit[-1])[1] - manifest.chunk_range(unit[0])[0]
 
 
 def _stale(sock: socket.socket) -> bool:

@@ -31,6 +31,7 @@ from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.snapshot.agent_client import AgentClient
 from gemini_ckpt.snapshot.copier import ChunkCopier
 from gemini_ckpt.snapshot.layout import Layout, plan_layout, signature
+from gemini_ckpt.snapshot.profiler import IterationProfiler, hook_ddp, install_collective_hooks
 from gemini_ckpt.snapshot.reader import verified_tensors
 from gemini_ckpt.snapshot.state import Stateful, TrainingState
 from gemini_ckpt.snapshot.tree import FlatState, unflatten
@@ -81,6 +82,7 @@ class Checkpointer:
         self._last_step: int | None = None
         self._last_call: float | None = None
         self._wait_s = 0.0
+        self._profiler: IterationProfiler | None = None
         self.restore_info: RestoreInfo | None = None
         self.last_save = SaveTiming()
 
@@ -104,6 +106,17 @@ class Checkpointer:
             failpoints={fp["name"]: int(fp["step"]) for fp in hello.get("failpoints", [])},
         )
         self._writer = SlotWriter(self._session)
+        if config.profile is not None:
+            # The agent interleaves replication into the network's idle time: it needs to know
+            # when that is. Hooked before the first iteration, so every generation is timed alike.
+            hook_ddp(self._state.model)
+            self._profiler = IterationProfiler(
+                install_collective_hooks(),
+                config.profile.iterations,
+                config.profile.warmup,
+                config.profile.min_span_s,
+                config.profile.drift,
+            )
         self._hooks = [
             opt.register_step_pre_hook(self._before_optimizer_step)
             for opt in self._state.optimizers
@@ -219,13 +232,39 @@ class Checkpointer:
         timing.capture_s = time.monotonic() - entered
         self.last_save = timing
         if overlapped:
+            self._next_iteration(session, timing)
             self._pending = session.jobs.submit(_save_job, writer, flat, layout, ready, timing)
         else:
             # Sync mode: the bytes are copied before save() returns, so the state may change
             # right away; checksums and the commit follow in the background.
             written = writer.write(flat, layout, ready, timing)
+            self._next_iteration(session, timing)
             if written is not None:
                 self._pending = session.jobs.submit(writer.commit, flat, layout, written, timing)
+
+    def _next_iteration(self, session: Session, timing: SaveTiming) -> None:
+        """The next iteration starts now: the profiler and the agent's sender pace by it."""
+        now = time.monotonic()
+        # Read by the background commit, which carries it to the agent.
+        timing.iteration_start = now
+        if self._profiler is None:
+            return
+        report = self._profiler.mark(now)
+        if report is not None:
+            session.client.request("profile", rank=session.config.rank, profile=report.to_dict())
+
+    def wait_replicated(self, step: int, timeout_s: float = 60.0) -> bool:
+        """Block until every placement peer holds `step` of this machine's ranks (or newer).
+
+        For blocking checkpointing, where training must not go on before its state is safe on
+        other machines. Returns False after `timeout_s`, or at once when replication is off.
+        """
+        self.wait()
+        session = self._require()
+        reply = session.client.request(
+            "replicated", rank=session.config.rank, step=step, timeout_s=timeout_s
+        )
+        return bool(reply.get("replicated"))
 
     def wait(self) -> None:
         """Block until the background save (if any) is committed; re-raise its failure."""

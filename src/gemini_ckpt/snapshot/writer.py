@@ -46,6 +46,8 @@ class SaveTiming:
     extra: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
     """The agent asked to skip this save (nothing was written)."""
+    iteration_start: float = 0.0
+    """When the iteration after this save began (`time.monotonic()`; 0: not yet known)."""
 
     def report(self, mode: str) -> dict[str, Any]:
         """What the agent records with the commit."""
@@ -57,6 +59,7 @@ class SaveTiming:
             "copy_s": self.copy_s + self.checksum_s,
             "iteration_s": self.iteration_s,
             "metrics": self.extra,
+            **({"iteration_start": self.iteration_start} if self.iteration_start else {}),
         }
 
 

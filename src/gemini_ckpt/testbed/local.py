@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from gemini_ckpt import config as cfg
 from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.coordination.etcd_kv import EtcdKV
 from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
-from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.faults import ETCD_KINDS, parse_fault, resolve_faults
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog, read_events
@@ -34,67 +32,10 @@ from gemini_ckpt.testbed import netns
 from gemini_ckpt.testbed.etcd_faults import EtcdFaults
 from gemini_ckpt.testbed.event_tail import EventTail
 from gemini_ckpt.testbed.operator import LocalProcessOperator
+from gemini_ckpt.testbed.spec import LocalSpec
+
+__all__ = ["LocalSpec", "LocalTestbed"]
 from gemini_ckpt.testbed.standby_pool import StandbyPool
-
-
-@dataclass(frozen=True)
-class LocalSpec:
-    """What to run on the test bed."""
-
-    machines: int
-    nproc_per_machine: int
-    script: Path
-    script_args: tuple[str, ...] = ()
-    faults: tuple[str, ...] = ()
-    fault_seed: int = 0
-    memory_limit: str = ""
-    snapshot_mode: str = "overlapped"
-    max_restarts: int = 3
-    stop_grace_s: float = 10.0
-    tee: bool = False
-    run_dir: Path | None = None
-    job_id: str = ""
-    persist_dir: Path | str | None = None
-    persist_every: int = 0
-    persist_interval_s: float = 0.0
-    hang_timeout_s: float = 600.0
-    startup_timeout_s: float = 600.0
-    member_ttl_s: int = 5
-    etcd_members: int = 1
-    """Members of the private etcd the test bed starts (3: a cluster that survives losing one)."""
-    etcd: str = ""
-    """An existing etcd cluster (HOST:PORT,...); empty: start a private one for the job."""
-    standby: int = 0
-    """Warm standby agents kept waiting to replace lost machines (started ahead of need)."""
-    replicas: int = 2
-    """m: copies of each machine's checkpoint in CPU memory (see `AgentConfig.replicas`)."""
-    env: dict[str, str] = field(default_factory=dict)
-    netns: bool = False
-    """Each machine in its own network namespace on one switch (root only; see `testbed.netns`)."""
-    link_bandwidth: str = ""
-    """With `netns`: every machine's link rate each way, in tc notation (`1gbit`); empty: no cap."""
-
-    def __post_init__(self) -> None:
-        if self.machines < 1 or self.nproc_per_machine < 1:
-            raise ConfigError(
-                f"--machines and --nproc-per-machine must be >= 1, got {self.machines} and "
-                f"{self.nproc_per_machine}"
-            )
-        if not self.script.is_file():
-            raise ConfigError(f"training script {self.script} does not exist")
-        if self.standby < 0:
-            raise ConfigError(f"--standby must be >= 0, got {self.standby}")
-        netns.check_testbed_options(
-            self.netns, self.machines, self.link_bandwidth, self.standby, self.etcd
-        )
-        # Surface a bad --fault before anything starts.
-        resolve_faults(
-            [parse_fault(f) for f in self.faults],
-            self.machines,
-            self.nproc_per_machine,
-            self.fault_seed,
-            self.replicas,
-        )
 
 
 class LocalTestbed:
@@ -180,6 +121,9 @@ class LocalTestbed:
                 "--persist-interval",
                 str(spec.persist_interval_s),
             ]
+        if spec.link_bandwidth:
+            command += ["--link-bandwidth", spec.link_bandwidth]
+        command += spec.agent_args
         for fault in spec.faults:
             command += ["--fault", fault]
         if standby:

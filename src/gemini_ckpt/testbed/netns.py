@@ -33,6 +33,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from gemini_ckpt.config import parse_rate
 from gemini_ckpt.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,27 +49,7 @@ UPLINK_HOST = 254
 
 _SUBNETS = range(64, 255)
 _LOCK_FILE = Path("/run/gemini-ckpt-netns.lock")
-_RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$")
-_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
 _COMMAND_TIMEOUT_S = 30.0
-
-
-def parse_rate(text: str) -> int:
-    """A link rate in tc's notation (`200mbit`, `1gbit`, `1.5gbit`) as bits per second.
-
-    Raises:
-        ConfigError: not a number followed by bit, kbit, mbit, gbit or tbit, or below 1 kbit/s.
-    """
-    match = _RATE.match(text.strip().lower())
-    if match is None:
-        raise ConfigError(
-            f"--link-bandwidth {text!r} is not a rate: expected a number followed by bit, kbit, "
-            "mbit, gbit or tbit (decimal units, as tc uses), e.g. 200mbit or 1gbit"
-        )
-    bits = int(float(match.group(1)) * _RATE_UNITS[match.group(2)])
-    if bits < 1000:
-        raise ConfigError(f"--link-bandwidth {text!r} is below the 1kbit minimum")
-    return bits
 
 
 def check_host() -> None:
@@ -153,14 +134,15 @@ def check_testbed_options(
     """Whether the test bed options that concern the shaped network go together.
 
     Raises:
-        ConfigError: `--link-bandwidth` without `--netns`, or `--netns` with warm standbys
+        ConfigError: a `--link-bandwidth` that is not a rate, or `--netns` with warm standbys
             (they would have to wait inside a machine's namespace before knowing which) or with
             an outside `--etcd` (the machines' namespaces have no route to it), or a bad rate
             or machine count.
     """
     if not netns:
+        # Without namespaces nothing is capped: the rate is only interleaving's cost model.
         if link_bandwidth:
-            raise ConfigError(f"--link-bandwidth {link_bandwidth} needs --netns")
+            parse_rate(link_bandwidth)
         return
     if standby:
         raise ConfigError(f"--netns does not support warm standbys, got --standby {standby}")
