@@ -20,6 +20,7 @@ import json
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -172,16 +173,24 @@ def checkpointer_for(
     return ckpt, ckpt.restore()
 
 
+def seed_all(seed: int) -> None:
+    """Seed torch, Python and NumPy.
+
+    Nothing here draws random numbers, but the RNG states are checkpointed and compared.
+    """
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train, resuming from the agent's checkpoint after a restart."""
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     plan = make_plan(args, world)
-    # Nothing here draws random numbers, but the RNG states are checkpointed and compared.
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
+    seed_all(args.seed + rank)
     model = ShardState(plan.state_elements())
     optimizer = EmulatedAdam([model.master], args.lr)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             ckpt.save(step + 1)
             if args.checkpoint == "blocking":
                 ckpt.wait()
-                ckpt.wait_replicated(step + 1, timeout_s=args.replicated_timeout)  # type: ignore[attr-defined]
+                ckpt.wait_replicated(step + 1, timeout_s=args.replicated_timeout)
         timings.write(step + 1, began, time.monotonic(), log.take())
     log.close()
     if ckpt is not None:

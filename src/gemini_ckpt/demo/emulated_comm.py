@@ -102,9 +102,11 @@ def base_pattern(numel: int) -> torch.Tensor:
     return (torch.arange(numel, dtype=torch.int64) % 17 - 8).to(WIRE_DTYPE)
 
 
-def _collective(name: str, legacy: str) -> Any:
-    # Looked up at each call, so a profiler that wraps torch.distributed's functions sees them.
-    return getattr(dist, name, None) or getattr(dist, legacy)
+def _collective(name: str) -> Any:
+    # Looked up at each call, so the Checkpointer's profiler, which wraps these functions in
+    # torch.distributed, sees them. torch 2.13 deprecates them for all_gather_single and
+    # reduce_scatter_single, which the profiler does not wrap; the trainer silences the warning.
+    return getattr(dist, name)
 
 
 class DataParallel:
@@ -166,7 +168,7 @@ class Zero3:
         return flat[self.offsets[layer] : self.offsets[layer] + self.shards[layer]]
 
     def _gather(self, layer: int) -> Any:
-        gather = _collective("all_gather_single", "all_gather_into_tensor")
+        gather = _collective("all_gather_into_tensor")
         work = gather(self.gathered[layer], self.shard(self.params16, layer), async_op=True)
         return self.log.track("all_gather", work)
 
@@ -180,7 +182,7 @@ class Zero3:
             pending = self._gather(layer + 1 if layer + 1 < self.count else self.count - 1)
             pace(time.monotonic() + plan.layer_seconds(layer, "forward"))
         factor = gradient_factor(step, self.rank)
-        scatter = _collective("reduce_scatter_single", "reduce_scatter_tensor")
+        scatter = _collective("reduce_scatter_tensor")
         reductions = []
         for layer in reversed(range(self.count)):
             pending.wait()  # this layer's parameters, gathered again for the backward
