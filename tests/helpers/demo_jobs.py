@@ -25,8 +25,19 @@ def run_demo_job(
     steps, d_model, layers = model
     args = ["--steps", str(steps), "--d-model", str(d_model), "--layers", str(layers)]
     args += ["--batch", "4", "--seq", str(d_model // 2), "--final-state", str(run_dir / "final")]
+    return run_script_job(run_dir, SCRIPT, args, faults, **spec)
+
+
+def run_script_job(
+    run_dir: Path,
+    script: Path,
+    args: list[str],
+    faults: tuple[str, ...] = (),
+    **spec: object,
+) -> LocalTestbed:
+    """Run `script` with `args` to the end on the test bed, with `run_demo_job`'s defaults."""
     fields: dict[str, object] = dict(
-        script=SCRIPT,
+        script=script,
         script_args=tuple(args),
         faults=faults,
         run_dir=run_dir,

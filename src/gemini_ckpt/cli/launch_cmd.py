@@ -22,6 +22,7 @@ from gemini_ckpt import config as cfg
 from gemini_ckpt.agent.agent import MachineAgent
 from gemini_ckpt.agent.standby import await_assignment
 from gemini_ckpt.cli.interleave_opts import add_interleave_options, interleave_settings
+from gemini_ckpt.cli.workload_opts import add_workload_option, resolve_workload
 from gemini_ckpt.coordination.control import ControlPlane
 from gemini_ckpt.coordination.etcd_kv import EtcdKV
 from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
@@ -147,7 +148,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         "(the other m-1 on peers chosen by group placement; 1: no peer copies)",
     )
     add_interleave_options(parser)
-    parser.add_argument("script", help="the training script (as for torchrun)")
+    add_workload_option(parser)
+    parser.add_argument("script", nargs="?", help="the training script (as for torchrun)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
 
 
@@ -230,6 +232,7 @@ def agent_config(args: argparse.Namespace) -> cfg.AgentConfig:
             f"--run-id {args.run_id!r} must be 1-64 letters, digits, '.', '_' or '-' "
             "(it names files and directories)"
         )
+    resolve_workload(args)
     if not Path(args.script).is_file():
         raise ConfigError(f"training script {args.script} does not exist")
     specs = [parse_fault(text) for text in args.fault]

@@ -12,6 +12,7 @@ from gemini_ckpt.cli.interleave_opts import interleave_settings
 from gemini_ckpt.cli.launch_cmd import add_common_options
 from gemini_ckpt.cli.launch_cmd import env_or as env
 from gemini_ckpt.cli.progress import event_line, summary_lines
+from gemini_ckpt.cli.workload_opts import resolve_workload
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.observability.summary import RunSummary
 from gemini_ckpt.store.files import parse_location
@@ -101,6 +102,7 @@ class _Cleanup(argparse.Action):
 
 def spec_from_args(args: argparse.Namespace, **overrides: object) -> LocalSpec:
     """The test bed spec the options describe."""
+    resolve_workload(args)
     fields: dict[str, object] = {
         "machines": args.machines,
         "nproc_per_machine": args.nproc_per_machine,

@@ -1,0 +1,305 @@
+"""Does checkpoint traffic cost training throughput? The paper's Figs 7, 8 and 16 on the test bed.
+
+Runs the emulated-accelerator workload (`gemini_ckpt.demo.emulated`: a Table 2 model's real gloo
+collectives, compute as sleep) on N machines x 1 rank, each in its own network namespace behind a
+rate-capped link (`--netns --link-bandwidth`), once per mode:
+
+    none        no Checkpointer at all (the baseline)
+    blocking    save, then wait until the step is committed and on every peer
+    naive       save every iteration; replication starts as soon as the snapshot is committed
+    nopipe      --interleave --interleave-sub-buffers 1 (one buffer: no pipelining)
+    interleave  --interleave (Algorithm 2, p sub-buffers)
+
+Per mode: the median and min iteration time over the measured iterations (after warm-up and the
+profiling iterations) and its ratio to `none` (per repeat, then min and median over repeats); the
+network's idle time per iteration, from the collectives' issue and completion times the trainer
+records (training traffic only); the checkpoint time per iteration, from the agents' `replicated`
+events (measured, not computed); and, from the same events, which measured steps every peer
+holds, per rank, counted, not assumed.
+
+    python benchmarks/bench_interleave.py --repeats 3 --out bench-results/interleave
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from gemini_ckpt.demo import emulated
+from gemini_ckpt.observability import events as ev
+from gemini_ckpt.observability.events import read_events
+from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
+
+SCRIPT = Path(emulated.__file__)
+MODES = {
+    "none": ("none", ()),
+    "blocking": ("blocking", ()),
+    "naive": ("gemini", ()),
+    "nopipe": ("gemini", ("--interleave", "--interleave-sub-buffers", "1")),
+    "interleave": ("gemini", ("--interleave",)),
+}
+"""Mode -> (the trainer's --checkpoint, extra agent options)."""
+
+
+def job_spec(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> LocalSpec:
+    """The test-bed job of one run."""
+    checkpoint, interleave = MODES[mode]
+    script_args = ["--model", model, "--parallel", args.parallel, "--checkpoint", checkpoint]
+    script_args += ["--steps", str(args.warmup + args.profile_iterations + args.iterations)]
+    script_args += ["--timings", str(run_dir / "timings")]
+    if args.scale:
+        script_args += ["--scale", str(args.scale)]
+    if args.compute_ms:
+        script_args += ["--compute-ms", str(args.compute_ms)]
+    agent_args: tuple[str, ...] = ()
+    if interleave:
+        agent_args = (*interleave, "--profile-iterations", str(args.profile_iterations))
+    return LocalSpec(
+        machines=args.machines,
+        nproc_per_machine=1,
+        script=SCRIPT,
+        script_args=tuple(script_args),
+        run_dir=run_dir,
+        max_restarts=0,
+        netns=not args.loopback,
+        link_bandwidth=args.link_bandwidth,
+        agent_args=agent_args,
+    )
+
+
+def iteration_records(run_dir: Path, machines: int, first: int) -> dict[int, list[dict[str, Any]]]:
+    """Step -> every rank's timing record of it, for steps >= `first`."""
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for rank in range(machines):
+        for line in (run_dir / "timings" / f"rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if record["step"] >= first:
+                by_step.setdefault(record["step"], []).append(record)
+    return by_step
+
+
+def replication(records: list[dict[str, Any]], steps: list[int]) -> dict[str, Any]:
+    """From the agents' events: checkpoint seconds per push, and the measured steps each peer holds.
+
+    A peer holds a step of a rank if it verified and committed a push of that step or of a newer
+    one (a newer step supersedes it; the agent skips a step the trainer overwrote first).
+    """
+    pushes = [e for e in records if e["event"] == ev.REPLICATED and int(e["step"]) in set(steps)]
+    per_pair: dict[str, set[int]] = {}
+    for e in pushes:
+        per_pair.setdefault(f"rank {e['rank']} -> machine {e['peer']}", set()).add(int(e["step"]))
+    seconds = [float(e["seconds"]) for e in pushes]
+    return {
+        "pushes": len(pushes),
+        "steps_per_pair": {pair: len(got) for pair, got in sorted(per_pair.items())},
+        "missing_per_pair": {
+            pair: sorted(set(steps) - got) for pair, got in sorted(per_pair.items())
+        },
+        "every_step_replicated": bool(per_pair)
+        and all(set(steps) <= got for got in per_pair.values()),
+        "checkpoint_s": _stats(seconds),
+        "bytes_per_push": statistics.median(int(e["nbytes"]) for e in pushes) if pushes else 0,
+    }
+
+
+def run_once(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """One job: its measured iterations, idle time and replication evidence."""
+    spec = job_spec(model, mode, args, run_dir)
+    load = os.getloadavg()[0]
+    with LocalTestbed(spec) as bed:
+        code = bed.wait(args.timeout)
+    if code != 0:
+        raise RuntimeError(f"{model} {mode} run failed (exit code {code}); logs in {run_dir}")
+    first = args.warmup + args.profile_iterations + 1
+    by_step = iteration_records(run_dir, args.machines, first)
+    steps = sorted(by_step)
+    durations = [max(r["duration"] for r in by_step[s]) for s in steps]
+    idle = [statistics.fmean(r["idle_s"] for r in by_step[s]) for s in steps]
+    out: dict[str, Any] = {
+        "load_average_before": load,
+        "steps": steps,
+        "iteration_s": _stats(durations),
+        "idle_s": _stats(idle),
+    }
+    if mode != "none":
+        out["replication"] = replication(read_events(bed.event_files()), steps)
+    return out
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {}
+    return {"median": statistics.median(samples), "min": min(samples), "n": len(samples)}
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per mode: iteration and idle medians, ratio to `none` per repeat (min, median)."""
+    out: dict[str, Any] = {}
+    for mode, repeats in runs.items():
+        ratios = [
+            run["iteration_s"]["median"] / base["iteration_s"]["median"]
+            for run, base in zip(repeats, runs["none"], strict=True)
+        ]
+        entry: dict[str, Any] = {
+            "iteration_s_median": statistics.median(r["iteration_s"]["median"] for r in repeats),
+            "iteration_s_min": min(r["iteration_s"]["min"] for r in repeats),
+            "ratio_to_none": {"min": min(ratios), "median": statistics.median(ratios)},
+            "idle_s_median": statistics.median(r["idle_s"]["median"] for r in repeats),
+        }
+        reps = [r["replication"] for r in repeats if "replication" in r]
+        if reps:
+            ckpt = [r["checkpoint_s"]["median"] for r in reps if r["checkpoint_s"]]
+            entry["checkpoint_s_median"] = statistics.median(ckpt) if ckpt else None
+            entry["every_step_replicated"] = all(r["every_step_replicated"] for r in reps)
+        out[mode] = entry
+    return out
+
+
+def figures(report: dict[str, Any], out: Path) -> list[str]:
+    """Fig 7/16-style iteration times and Fig 8-style idle vs checkpoint time, one PNG per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for model, summary in report["summary"].items():
+        modes = list(summary)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        left.bar(modes, [summary[m]["iteration_s_median"] for m in modes], color="tab:blue")
+        left.set_ylabel("iteration time, median (s)")
+        left.set_title(f"{model}: iteration time by mode")
+        idle = [summary[m]["idle_s_median"] for m in modes]
+        ckpt = [summary[m].get("checkpoint_s_median") or 0.0 for m in modes]
+        xs = range(len(modes))
+        right.bar([x - 0.2 for x in xs], idle, width=0.4, label="network idle (training)")
+        right.bar([x + 0.2 for x in xs], ckpt, width=0.4, label="checkpoint push (measured)")
+        right.set_xticks(list(xs), modes)
+        right.set_ylabel("seconds per iteration")
+        right.set_title("idle time vs checkpoint time")
+        right.legend()
+        fig.tight_layout()
+        path = out / f"{model}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def table(report: dict[str, Any]) -> list[str]:
+    """Markdown: per model and mode, iteration time, ratio to none, idle and checkpoint time."""
+    lines = [
+        "| model | mode | iteration s, median (min) | / none, median (min) | idle s | ckpt s "
+        "| every step replicated |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, summary in report["summary"].items():
+        for mode, s in summary.items():
+            ckpt = s.get("checkpoint_s_median")
+            lines.append(
+                f"| {model} | {mode} | {s['iteration_s_median']:.3f} ({s['iteration_s_min']:.3f})"
+                f" | {s['ratio_to_none']['median']:.3f} ({s['ratio_to_none']['min']:.3f})"
+                f" | {s['idle_s_median']:.3f} | {'-' if ckpt is None else f'{ckpt:.3f}'}"
+                f" | {s.get('every_step_replicated', '-')} |"
+            )
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models", default="gpt2-10b,gpt2-20b")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--parallel", default="zero3", choices=["zero3", "dp"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--machines", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=20, help="measured iterations per run")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="iterations before profiling (the profiler skips 2 of its own: keep >= 2)",
+    )
+    p.add_argument("--profile-iterations", type=int, default=20)
+    p.add_argument("--scale", type=int, default=0, help="0: the model's default")
+    p.add_argument("--compute-ms", type=float, default=0.0, help="0: from the model's FLOPs")
+    p.add_argument("--link-bandwidth", default="1gbit")
+    p.add_argument("--loopback", action="store_true", help="no network namespaces (no cap)")
+    p.add_argument("--quick", action="store_true", help="smoke: 1 small model, 2 modes, few steps")
+    p.add_argument("--timeout", type=float, default=600.0, help="per job, seconds")
+    p.add_argument("--work-dir", default="", help="keep run directories here")
+    p.add_argument("--out", default="bench-results/interleave", help="directory for results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.modes, args.repeats = "gpt2-10b", "none,interleave", 1
+        args.iterations, args.warmup, args.profile_iterations = 3, 2, 2
+        args.scale, args.compute_ms = args.scale or 2048, args.compute_ms or 150.0
+    modes = args.modes.split(",")
+    if "none" not in modes or set(modes) - set(MODES):
+        p.error(f"--modes must include none and come from {', '.join(MODES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, write results.json and the figures, print a table; return the report."""
+    args = parse_args(argv)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="gemini-bench-interleave-"))
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for model in args.models.split(","):
+        runs[model] = {mode: [] for mode in args.modes.split(",")}
+        for repeat in range(args.repeats):  # modes interleaved, so host noise spreads over all
+            for mode in runs[model]:
+                run = run_once(model, mode, args, work / f"{model}-{mode}-{repeat}")
+                runs[model][mode].append(run)
+                print(
+                    f"{model} {mode} #{repeat}: iteration {run['iteration_s']['median']:.3f} s,"
+                    f" idle {run['idle_s']['median']:.3f} s",
+                    flush=True,
+                )
+    plan = {m: emulated.make_plan(_trainer_args(args, m), args.machines) for m in runs}
+    report: dict[str, Any] = {
+        "benchmark": "interleave",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": version("torch"),
+            "python": platform.python_version(),
+        },
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
+        "workload": {
+            m: {
+                "parameters": p.parameters(),
+                "scale": p.scale,
+                "checkpoint_bytes_per_rank": p.checkpoint_bytes(),
+                "training_bytes_sent_per_rank": p.wire_bytes(),
+                "compute_s": p.compute_seconds(),
+            }
+            for m, p in plan.items()
+        },
+        "runs": runs,
+        "summary": {model: summarize(by_mode) for model, by_mode in runs.items()},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report["figures"] = figures(report, out)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    for line in table(report):
+        print(line)
+    return report
+
+
+def _trainer_args(args: argparse.Namespace, model: str) -> argparse.Namespace:
+    argv = ["--model", model, "--parallel", args.parallel, "--scale", str(args.scale)]
+    return emulated.parse_args([*argv, "--compute-ms", str(args.compute_ms)])
+
+
+if __name__ == "__main__":
+    main()

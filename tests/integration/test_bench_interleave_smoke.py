@@ -1,0 +1,58 @@
+"""The interleave benchmark's --quick mode on the shaped test bed, so it cannot rot unnoticed.
+
+4 machines x 1 rank of the emulated workload behind 1 gbit links, modes none and interleave, a
+few iterations each. Needs root, iproute2 and etcd; skipped otherwise.
+"""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_interleave
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    # Two 4-machine jobs; ~90 s on an idle 2-core host, several minutes on a loaded one.
+    pytest.mark.timeout(420),
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+    pytest.mark.skipif(
+        shutil.which("ip") is None or shutil.which("tc") is None,
+        reason="iproute2 (ip, tc) missing",
+    ),
+    pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd missing (package etcd-server)"),
+]
+
+
+def test_quick_mode_reports_every_mode_with_measured_replication(tmp_path):
+    out = tmp_path / "out"
+    report = bench_interleave.main(
+        ["--quick", "--work-dir", str(tmp_path / "w"), "--out", str(out)]
+    )
+    assert json.loads((out / "results.json").read_text()) == report
+    assert [Path(f).name for f in report["figures"]] == ["gpt2-10b.png"]
+    assert (out / "gpt2-10b.png").stat().st_size > 0
+    summary = report["summary"]["gpt2-10b"]
+    assert list(summary) == ["none", "interleave"]
+    assert summary["none"]["ratio_to_none"] == {"min": 1.0, "median": 1.0}
+    (none,) = report["runs"]["gpt2-10b"]["none"]
+    (interleave,) = report["runs"]["gpt2-10b"]["interleave"]
+    # measured iterations only: after the warm-up and the profiling iterations
+    assert none["steps"] == interleave["steps"] == [5, 6, 7]
+    assert 0 < none["idle_s"]["median"] < none["iteration_s"]["median"]
+    replication = interleave["replication"]
+    # Group placement with m = 2 on 4 machines: each rank has exactly one peer.
+    assert len(replication["steps_per_pair"]) == 4
+    assert replication["pushes"] == sum(replication["steps_per_pair"].values()) > 0
+    assert replication["checkpoint_s"]["median"] > 0
+    # the whole checkpoint: tensors plus the small state (RNG, scheduler, position)
+    workload = report["workload"]["gpt2-10b"]
+    assert replication["bytes_per_push"] >= workload["checkpoint_bytes_per_rank"]
+    assert "every_step_replicated" in summary["interleave"]
+    assert "every_step_replicated" not in summary["none"]
