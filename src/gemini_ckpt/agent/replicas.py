@@ -326,6 +326,7 @@ class ReplicaRole:
                     peer=peer,
                     nbytes=result.nbytes,
                     seconds=round(result.seconds, 6),
+                    paced_s=round(result.paced_s, 6),
                 )
             return None
         if result.status is PushStatus.SKIPPED:

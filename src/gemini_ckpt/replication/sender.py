@@ -62,6 +62,8 @@ class PushResult:
     nbytes: int = 0
     """Checkpoint bytes sent (all of them when replicated)."""
     seconds: float = 0.0
+    paced_s: float = 0.0
+    """Of `seconds`, the time spent waiting for idle link time (with pacing)."""
 
     @property
     def ok(self) -> bool:
@@ -137,6 +139,7 @@ class PeerLink:
         self._lock = threading.Lock()
         self._closed = False
         self._mappings = SlotMappings(writable=False)
+        self._paced_s = 0.0
 
     def close(self) -> None:
         """Close the connection; later pushes report the link closed."""
@@ -180,6 +183,7 @@ class PeerLink:
         """
         started = time.monotonic()
         with self._lock:
+            self._paced_s = 0.0
             outcome = self._push(store, ref, generation, corrupt_chunk, pacing)
         status, reason, sent = outcome
         result = PushResult(
@@ -190,6 +194,7 @@ class PeerLink:
             reason,
             sent,
             time.monotonic() - started,
+            self._paced_s,
         )
         # The caller logs failures when they start and end; per push is too often for a warning.
         log.debug("push: %s", result.describe())
@@ -243,10 +248,12 @@ class PeerLink:
             return PushStatus.REPLICATED, "the peer already held it", 0
         acks = _Acks(sock, self.where, pacing.window if pacing else 0)
         for unit in _units(manifest, pacing.unit_bytes if pacing else 0):
-            if pacing is not None and not pacing.pacer.acquire(
-                _unit_bytes(manifest, unit), pacing.cancelled
-            ):
-                return self._abort(sock, acks, "the push was cancelled", progress)
+            if pacing is not None:
+                asked = time.monotonic()
+                granted = pacing.pacer.acquire(_unit_bytes(manifest, unit), pacing.cancelled)
+                self._paced_s += time.monotonic() - asked
+                if not granted:
+                    return self._abort(sock, acks, "the push was cancelled", progress)
             for index in unit:
                 start, end = manifest.chunk_range(index)
                 payload = view[start:end]

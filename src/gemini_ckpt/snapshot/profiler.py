@@ -6,8 +6,9 @@ the training code:
 
 - `torch.distributed`'s collective functions are wrapped (what FSDP2 and ZeRO-style code call:
   `all_gather_into_tensor`, `reduce_scatter_tensor`, `all_reduce`, ...). A call's busy interval
-  runs from its start to its completion: the return of a blocking call, or the completion of an
-  asynchronous call's future (recorded by a callback, so `wait()` timing does not matter);
+  runs from its start to its completion: the return of a blocking call, the completion of an
+  asynchronous call's future (recorded by a callback), or, for a handle without a future (gloo's
+  reduce-scatter), the return of the caller's `wait()`;
 - a `DistributedDataParallel` model gets DDP's own Python all-reduce hook, which reaches the
   network through the wrapped `all_reduce`, so its gradient buckets are timed as they are reduced.
 
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import Work
 
 from gemini_ckpt.interleave.profile import (
     IdleProfile,
@@ -117,26 +119,67 @@ def _timed(original: Callable[..., Any], timeline: CollectiveTimeline) -> Callab
             return original(*args, **kwargs)
         start = time.monotonic()
         result = original(*args, **kwargs)
-        future = _future_of(result)
-        if future is None:
+        if not isinstance(result, Work):  # a blocking call: done on return
             timeline.record(start, time.monotonic())
-        else:
+            return result
+        future = _future_of(result)
+        if future is not None:
             future.add_done_callback(lambda _f: timeline.record(start, time.monotonic()))
-        return result
+            return result
+        # gloo's reduce-scatter has no future: its end is seen when the caller waits for it.
+        return _TimedWork(result, lambda: timeline.record(start, time.monotonic()))
 
     wrapper.__gemini_timed__ = True  # type: ignore[attr-defined]
     return wrapper
 
 
-def _future_of(result: Any) -> Any:
-    """The completion future of an asynchronous call's work handle, if it has one."""
-    get_future = getattr(result, "get_future", None)
-    if get_future is None:
-        return None
+def _future_of(work: Work) -> Any:
+    """The completion future of an asynchronous call's work handle, if its backend has one."""
     try:
-        return get_future()
-    except RuntimeError:  # a backend without futures: time it as if it were blocking
+        return work.get_future()
+    except RuntimeError:  # "Work::getFuture not implemented"
         return None
+
+
+class _TimedWork(Work):
+    """A work handle that notes when its collective ended: at the first `wait()` that returns.
+
+    A `Work` itself, so code that tells asynchronous calls by `isinstance(work, Work)` (FSDP2
+    does) still waits for it; every query goes to the real handle.
+    """
+
+    def __init__(self, inner: Work, done: Callable[[], None]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._done: Callable[[], None] | None = done
+
+    def wait(self, timeout: Any = None) -> bool:
+        ended = self._inner.wait() if timeout is None else self._inner.wait(timeout)
+        if self._done is not None:
+            done, self._done = self._done, None
+            done()
+        return bool(ended)
+
+    def is_completed(self) -> bool:
+        return bool(self._inner.is_completed())
+
+    def is_success(self) -> bool:
+        return bool(self._inner.is_success())
+
+    def exception(self) -> Any:
+        return self._inner.exception()
+
+    def result(self) -> Any:
+        return self._inner.result()
+
+    def source_rank(self) -> int:
+        return int(self._inner.source_rank())
+
+    def synchronize(self) -> None:
+        self._inner.synchronize()
+
+    def get_future(self) -> Any:
+        return self._inner.get_future()
 
 
 def hook_ddp(model: torch.nn.Module) -> bool:
