@@ -56,11 +56,14 @@ def job_spec(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
     script_args += ["--timings", str(run_dir / "timings")]
     if args.scale:
         script_args += ["--scale", str(args.scale)]
+    if args.layers:
+        script_args += ["--layers", str(args.layers)]
     if args.compute_ms:
         script_args += ["--compute-ms", str(args.compute_ms)]
     agent_args: tuple[str, ...] = ()
     if interleave:
         agent_args = (*interleave, "--profile-iterations", str(args.profile_iterations))
+        agent_args += ("--interleave-buffer", args.interleave_buffer)
     return LocalSpec(
         machines=args.machines,
         nproc_per_machine=1,
@@ -71,6 +74,8 @@ def job_spec(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
         netns=not args.loopback,
         link_bandwidth=args.link_bandwidth,
         agent_args=agent_args,
+        # Chunks are the smallest unit a paced push sends: small enough for the idle gaps.
+        env={"GEMINI_CHUNK_SIZE": args.chunk_size},
     )
 
 
@@ -235,8 +240,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--profile-iterations", type=int, default=20)
     p.add_argument("--scale", type=int, default=0, help="0: the model's default")
+    p.add_argument("--layers", type=int, default=0, help="transformer layers kept (0: all)")
     p.add_argument("--compute-ms", type=float, default=0.0, help="0: from the model's FLOPs")
-    p.add_argument("--link-bandwidth", default="1gbit")
+    p.add_argument("--link-bandwidth", default="500mbit")
+    p.add_argument("--interleave-buffer", default="4MiB", help="R (p = 4 unless nopipe)")
+    p.add_argument("--chunk-size", default="1MiB", help="the trainers' checkpoint chunk size")
     p.add_argument("--loopback", action="store_true", help="no network namespaces (no cap)")
     p.add_argument("--quick", action="store_true", help="smoke: 1 small model, 2 modes, few steps")
     p.add_argument("--timeout", type=float, default=600.0, help="per job, seconds")
@@ -302,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _trainer_args(args: argparse.Namespace, model: str) -> argparse.Namespace:
     argv = ["--model", model, "--parallel", args.parallel, "--scale", str(args.scale)]
+    argv += ["--layers", str(args.layers)]
     return emulated.parse_args([*argv, "--compute-ms", str(args.compute_ms)])
 
 

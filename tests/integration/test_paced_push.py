@@ -75,3 +75,24 @@ def test_a_cancelled_wait_aborts_the_push_and_the_peer_keeps_its_replica(machine
         # the connection stays in step: an unpaced push of the same step goes through
         assert link.push(machines.own, ref2, 0).ok
     assert machines.replicas.inventory() == {0: [1, 2]}
+
+
+def test_a_paced_push_sends_a_staged_copy_so_the_trainer_may_reuse_the_slot(machines):  # noqa: F811
+    own = machines.own
+    pacer = _pacer(window_s=0.3, bandwidth=1e6)
+    pacing = Pacing(pacer, unit_bytes=2 * CHUNK, window=1)
+    ref = commit(own, 0, 1, payload(SIZE, 1))
+    started = time.monotonic()
+    pacer.iteration_started(0, started)
+
+    def trainer_saves_twice_more():  # while the push waits for the next window
+        commit(own, 0, 2, payload(SIZE, 2))
+        commit(own, 0, 3, payload(SIZE, 3))  # step 1's slot is rewritten
+        pacer.iteration_started(1, started + 1.0)
+
+    threading.Timer(0.6, trainer_saves_twice_more).start()
+    with machines.link() as link:
+        result = link.push(own, ref, 0, pacing=pacing)
+    assert result.ok, result.describe()
+    assert own.locate(0, 1) is None
+    assert read(machines.replicas, 0, 1) == payload(SIZE, 1)

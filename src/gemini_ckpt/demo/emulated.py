@@ -44,6 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", choices=PARALLELISMS, default="zero3")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--scale", type=int, default=0, help="divide element counts by this")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        help="keep only this many transformer layers (0: the model's own count); fewer, larger "
+        "collectives with longer compute between them, as a deep model's are on a GPU",
+    )
     p.add_argument("--tflops", type=float, default=1.0, help="emulated accelerator throughput")
     p.add_argument(
         "--compute-ms", type=float, default=0.0, help="compute per iteration (overrides --tflops)"
@@ -157,6 +164,7 @@ def make_plan(args: argparse.Namespace, world: int) -> EmulationPlan:
         scale=args.scale,
         tflops=args.tflops,
         compute_s=args.compute_ms / 1000,
+        layers=args.layers,
     )
 
 

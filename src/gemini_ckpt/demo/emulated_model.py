@@ -26,7 +26,7 @@ the paper's Fig 13 (checkpoint time 70-77 % of the idle time). `compute_s` overr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gemini_ckpt.errors import ConfigError
 
@@ -199,7 +199,9 @@ def dp_share(total: int, world: int, rank: int) -> tuple[int, int]:
 
 
 def plan_for(model: str, parallel: str, world: int, **overrides: float) -> EmulationPlan:
-    """The plan for a Table 2 model by name; `scale`, `tflops` and `compute_s` may be overridden.
+    """The plan for a Table 2 model by name, with `scale`, `tflops`, `compute_s` or `layers`.
+
+    `layers` keeps that many transformer layers, each of the model's own size.
 
     Raises:
         ConfigError: unknown model name or an invalid value.
@@ -208,6 +210,10 @@ def plan_for(model: str, parallel: str, world: int, **overrides: float) -> Emula
     if shape is None:
         raise ConfigError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
     scale = int(overrides.get("scale") or shape.default_scale)
+    layers = int(overrides.get("layers") or shape.layers)
+    if not 1 <= layers <= shape.layers:
+        raise ConfigError(f"layers must be in 1..{shape.layers} for {model}, got {layers}")
+    shape = replace(shape, layers=layers)
     return EmulationPlan(
         shape,
         parallel,

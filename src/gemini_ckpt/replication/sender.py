@@ -3,7 +3,9 @@
 The sender never holds the source slot (that would make a trainer's next `save()` wait for the
 network). It reads the slot as it is and asks `LocalStore.unchanged` after every chunk; once the
 slot has been rewritten, the bytes already sent may be torn, so it sends ABORT and the peer keeps
-the replica it had. The peer commits only on the sender's final COMMIT, which follows the last
+the replica it had. A paced push (interleaving) may last several iterations, longer than a slot
+stays untouched, so it first copies the slot into the link's staging buffer, checks the slot once,
+and sends the copy. The peer commits only on the sender's final COMMIT, which follows the last
 check (see `receiver.py` for the exchange).
 
 A `PeerLink` keeps one authenticated connection per peer across iterations and reconnects with
@@ -140,6 +142,7 @@ class PeerLink:
         self._closed = False
         self._mappings = SlotMappings(writable=False)
         self._paced_s = 0.0
+        self._staging = bytearray()
 
     def close(self) -> None:
         """Close the connection; later pushes report the link closed."""
@@ -240,6 +243,12 @@ class PeerLink:
         if not store.unchanged(ref):
             return PushStatus.SKIPPED, "the source slot was overwritten before the push", 0
         view = self._mappings.view(ref.path, manifest.data_nbytes)
+        if pacing is not None:
+            # A paced push may take several iterations, longer than the trainer leaves a slot
+            # alone (two saves): it sends a private copy, checked against the slot once.
+            view = self._stage(view, manifest.data_nbytes)
+            if not store.unchanged(ref):
+                return PushStatus.SKIPPED, "the source slot was overwritten while staged", 0
         head = {"op": "push", "rank": ref.rank, "step": manifest.step}
         reply = call(
             sock, self.where, {**head, "generation": generation}, manifest.to_json().encode()
@@ -263,13 +272,21 @@ class PeerLink:
                     frame["ack"] = True
                 wire.send(sock, frame, _flipped(payload) if index == corrupt_chunk else payload)
                 progress[0] += end - start
-                if not store.unchanged(ref):
+                if pacing is None and not store.unchanged(ref):
                     reason = f"the source slot was overwritten after chunk {index}"
                     return self._abort(sock, acks, reason, progress)
             acks.sent()
         acks.drain()
         call(sock, self.where, {"op": "commit"})
         return PushStatus.REPLICATED, "", progress[0]
+
+    def _stage(self, view: memoryview, nbytes: int) -> memoryview:
+        """`view`'s bytes copied into this link's staging buffer (grown as needed, then kept)."""
+        if len(self._staging) < nbytes:
+            self._staging = bytearray(nbytes)
+        staged = memoryview(self._staging)[:nbytes]
+        staged[:] = view[:nbytes]
+        return staged
 
     def _abort(
         self, sock: socket.socket, acks: _Acks, reason: str, progress: list[int]
