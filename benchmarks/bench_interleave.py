@@ -138,8 +138,29 @@ def run_once(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
         "idle_s": _stats(idle),
     }
     if mode != "none":
-        out["replication"] = replication(read_events(bed.event_files()), steps)
+        records = read_events(bed.event_files())
+        out["replication"] = replication(records, steps)
+        if MODES[mode][1]:
+            out["profile"] = profile_stability(records)
     return out
+
+
+def profile_stability(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The profiles the trainers took: idle spans, schedule, and how stable each span was.
+
+    A span's spread is the standard deviation of its length across the profiled iterations over
+    its mean (the paper: under 10 %).
+    """
+    schedules = [e for e in records if e["event"] == ev.INTERLEAVE_SCHEDULE]
+    spreads = [v for e in schedules for values in e["spread"].values() for v in values]
+    return {
+        "schedules": len(schedules),
+        "spans": statistics.median(len(e["spans"]) for e in schedules) if schedules else 0,
+        "idle_s": statistics.median(e["idle_s"] for e in schedules) if schedules else 0.0,
+        "interval": max((e["interval"] or 0 for e in schedules), default=None),
+        "spread_median": statistics.median(spreads) if spreads else None,
+        "spread_max": max(spreads, default=None),
+    }
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -162,6 +183,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "ratio_to_none": {"min": min(ratios), "median": statistics.median(ratios)},
             "idle_s_median": statistics.median(r["idle_s"]["median"] for r in repeats),
         }
+        profiles = [r["profile"] for r in repeats if "profile" in r]
+        if profiles:
+            entry["profile_spread_median"] = statistics.median(
+                p["spread_median"] for p in profiles if p["spread_median"] is not None
+            )
+            entry["interval"] = max(p["interval"] or 0 for p in profiles)
         reps = [r["replication"] for r in repeats if "replication" in r]
         if reps:
             ckpt = [r["checkpoint_s"]["median"] for r in reps if r["checkpoint_s"]]

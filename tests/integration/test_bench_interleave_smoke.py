@@ -55,4 +55,11 @@ def test_quick_mode_reports_every_mode_with_measured_replication(tmp_path):
     workload = report["workload"]["gpt2-10b"]
     assert replication["bytes_per_push"] >= workload["checkpoint_bytes_per_rank"]
     assert "every_step_replicated" in summary["interleave"]
+    # The profile on the shaped links: every machine scheduled, the spans' spread reported.
+    profile = interleave["profile"]
+    assert profile["schedules"] >= 4 and profile["spans"] >= 1
+    assert 0 <= profile["spread_median"] <= profile["spread_max"]
+    print(
+        f"idle-span spread: median {profile['spread_median']:.3f}, max {profile['spread_max']:.3f}"
+    )
     assert "every_step_replicated" not in summary["none"]

@@ -36,6 +36,7 @@ def test_a_profile_comes_after_the_warm_up_and_the_profiled_iterations():
     spans = [(round(s.start, 6), round(s.length, 6)) for s in report.profile.spans]
     assert spans == [(0.0, 0.4), (0.6, 0.4)]
     assert report.max_spread == pytest.approx(0.0, abs=1e-9)
+    assert len(report.spread) == 2
     assert report.to_dict()["spans"] == [[s.start, s.length] for s in report.profile.spans]
     assert not timeline.recording  # profiling over: the wrappers stop recording
 

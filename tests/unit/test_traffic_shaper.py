@@ -19,7 +19,7 @@ def _profile(rank: int, spans: list[list[float]], period: float = 1.0):
             "op": "profile",
             "id": 1,
             "rank": rank,
-            "profile": {"iteration_s": period, "spans": spans, "max_spread": 0.05},
+            "profile": {"iteration_s": period, "spans": spans, "spread": [0.05] * len(spans)},
         }
     )
 
@@ -48,7 +48,7 @@ def test_sending_waits_until_every_local_rank_sent_its_profile(shaper, tmp_path)
     assert [[round(v, 6) for v in span] for span in event["spans"]] == [[0.1, 0.5], [0.8, 0.2]]
     # 50 MiB at 125 MB/s is 0.42 s; 0.8 of 0.8 s of idle time is 0.64 s: every iteration.
     assert event["interval"] == 1
-    assert event["max_spread"] == 0.05
+    assert event["spread"] == {"2": [0.05, 0.05], "3": [0.05, 0.05]}
     status = shaper.status()["interleave"]
     assert status["profiled"] and status["interval"] == 1
 

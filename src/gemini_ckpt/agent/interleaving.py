@@ -21,7 +21,12 @@ from typing import Any
 from gemini_ckpt.errors import ConfigError, ProtocolError
 from gemini_ckpt.interleave import Schedule, schedule_checkpoint
 from gemini_ckpt.interleave.pacer import LinkPacer
-from gemini_ckpt.interleave.profile import IdleProfile, merge_profiles, profile_from_dict
+from gemini_ckpt.interleave.profile import (
+    MAX_SPANS,
+    IdleProfile,
+    merge_profiles,
+    profile_from_dict,
+)
 from gemini_ckpt.interleave.settings import InterleaveSettings
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
@@ -49,7 +54,7 @@ class TrafficShaper:
         self._events = event_log
         self._lock = threading.Lock()
         self._profiles: dict[int, IdleProfile] = {}
-        self._spread: dict[int, float] = {}
+        self._spread: dict[int, list[float]] = {}
         self._generation = -1
         self._schedule: Schedule | None = None
         self.pacer = LinkPacer()
@@ -101,10 +106,10 @@ class TrafficShaper:
             profile = profile_from_dict(request["profile"])
         except ConfigError as e:
             raise ProtocolError(f"profile of rank {request['rank']}: {e}") from e
-        spread = request["profile"].get("max_spread", 0.0)
+        spread = request["profile"].get("spread")
         with self._lock:
             self._profiles[request["rank"]] = profile
-            self._spread[request["rank"]] = float(spread) if isinstance(spread, float) else 0.0
+            self._spread[request["rank"]] = _floats(spread)
             complete = set(self._profiles) == set(self._ranks)
             profiles = list(self._profiles.values())
             generation = self._generation
@@ -138,7 +143,7 @@ class TrafficShaper:
             iteration_s=merged.iteration_seconds,
             idle_s=merged.idle_seconds,
             spans=[[span.start, span.length] for span in merged.spans],
-            max_spread=max(self._spread.values(), default=0.0),
+            spread={str(rank): values for rank, values in sorted(self._spread.items())},
             shard_bytes=traffic.shard_bytes,
             interval=schedule.interval_iterations if schedule else None,
             checkpoint_s=schedule.checkpoint_seconds if schedule else None,
@@ -165,6 +170,13 @@ class TrafficShaper:
                 "unpaced": stats.unpaced,
             }
         }
+
+
+def _floats(raw: Any) -> list[float]:
+    """The per-span spread a trainer reported (reported only: malformed means none)."""
+    if not isinstance(raw, list) or len(raw) > MAX_SPANS:
+        return []
+    return [round(float(v), 4) for v in raw if isinstance(v, (int, float))]
 
 
 _UNPACED = Schedule((), 0, 0.0, 0.0, 0.0, 1, "no idle span: unpaced")

@@ -208,8 +208,13 @@ class ProfileReport:
 
     profile: IdleProfile
     iterations: int
-    max_spread: float
-    """The largest normalised standard deviation of a span's length (the paper: under 10 %)."""
+    spread: tuple[float, ...]
+    """Per span, the normalised standard deviation of its length (the paper: under 10 %)."""
+
+    @property
+    def max_spread(self) -> float:
+        """The largest of `spread` (0 without spans)."""
+        return max(self.spread, default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """The `profile` request's field."""
@@ -218,6 +223,7 @@ class ProfileReport:
             "spans": [[span.start, span.length] for span in self.profile.spans],
             "iterations": self.iterations,
             "max_spread": self.max_spread,
+            "spread": list(self.spread),
         }
 
 
@@ -270,9 +276,7 @@ class IterationProfiler:
         alike = [p for p in self._profiles if len(p.spans) == shape]
         spread = span_spread(alike)
         report = ProfileReport(
-            mean_profile(alike),
-            len(alike),
-            max((s.normalised_std for s in spread), default=0.0),
+            mean_profile(alike), len(alike), tuple(s.normalised_std for s in spread)
         )
         self._profiles = []
         self._period = report.profile.iteration_seconds
