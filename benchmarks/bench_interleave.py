@@ -281,7 +281,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.models, args.modes, args.repeats = "gpt2-10b", "none,interleave", 1
         args.iterations, args.warmup, args.profile_iterations = 3, 2, 2
-        args.scale, args.compute_ms = args.scale or 2048, args.compute_ms or 150.0
+        args.scale, args.compute_ms = args.scale or 512, args.compute_ms or 300.0
+        args.layers = args.layers or 6
     modes = args.modes.split(",")
     if "none" not in modes or set(modes) - set(MODES):
         p.error(f"--modes must include none and come from {', '.join(MODES)}")
