@@ -128,7 +128,8 @@ def test_a_second_agent_for_the_same_machine_is_refused_and_the_first_unharmed(t
             text=True,
         )
 
-    first = launch("a", "--steps", "30", "--sleep", "0.1")
+    # Long enough to outlast the second agent's start-up on a loaded host.
+    first = launch("a", "--steps", "80", "--sleep", "0.1")
     events_file = tmp_path / "a" / "m0" / "events.jsonl"
     deadline = time.monotonic() + 60
     while not any(e["event"] == ev.PROGRESS for e in read_events([events_file])):
