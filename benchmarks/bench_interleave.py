@@ -5,6 +5,8 @@ collectives, compute as sleep) on N machines x 1 rank, each in its own network n
 rate-capped link (`--netns --link-bandwidth`), once per mode:
 
     none        no Checkpointer at all (the baseline)
+    local       save every iteration into local memory only (--replicas 1): what the snapshot
+                itself costs, with no checkpoint traffic on the network
     blocking    save, then wait until the step is committed and on every peer
     naive       save every iteration; replication starts as soon as the snapshot is committed
     nopipe      --interleave --interleave-sub-buffers 1 (one buffer: no pipelining)
@@ -40,6 +42,7 @@ from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
 SCRIPT = Path(emulated.__file__)
 MODES = {
     "none": ("none", ()),
+    "local": ("gemini", ("--replicas", "1")),
     "blocking": ("blocking", ()),
     "naive": ("gemini", ()),
     "nopipe": ("gemini", ("--interleave", "--interleave-sub-buffers", "1")),
@@ -60,9 +63,9 @@ def job_spec(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
         script_args += ["--layers", str(args.layers)]
     if args.compute_ms:
         script_args += ["--compute-ms", str(args.compute_ms)]
-    agent_args: tuple[str, ...] = ()
-    if interleave:
-        agent_args = (*interleave, "--profile-iterations", str(args.profile_iterations))
+    agent_args: tuple[str, ...] = interleave
+    if "--interleave" in interleave:
+        agent_args += ("--profile-iterations", str(args.profile_iterations))
         agent_args += ("--interleave-buffer", args.interleave_buffer)
     return LocalSpec(
         machines=args.machines,
@@ -140,7 +143,7 @@ def run_once(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
     if mode != "none":
         records = read_events(bed.event_files())
         out["replication"] = replication(records, steps)
-        if MODES[mode][1]:
+        if "--interleave" in MODES[mode][1]:
             out["profile"] = profile_stability(records)
     return out
 
