@@ -34,6 +34,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from gemini_ckpt.config import parse_rate
 from gemini_ckpt.demo import emulated
 from gemini_ckpt.observability import events as ev
 from gemini_ckpt.observability.events import read_events
@@ -67,6 +68,10 @@ def job_spec(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
     if "--interleave" in interleave:
         agent_args += ("--profile-iterations", str(args.profile_iterations))
         agent_args += ("--interleave-buffer", args.interleave_buffer)
+        # The links are capped at --link-bandwidth; TCP gets a little less through htb, and a
+        # cost model that assumes the full rate queues chunks into the next collective.
+        goodput = parse_rate(args.link_bandwidth) * args.goodput
+        agent_args += ("--link-bandwidth", f"{int(goodput)}bit")
     return LocalSpec(
         machines=args.machines,
         nproc_per_machine=1,
@@ -274,6 +279,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compute-ms", type=float, default=0.0, help="0: from the model's FLOPs")
     p.add_argument("--link-bandwidth", default="500mbit")
     p.add_argument("--interleave-buffer", default="4MiB", help="R (p = 4 unless nopipe)")
+    p.add_argument(
+        "--goodput",
+        type=float,
+        default=0.9,
+        help="the schedule's B as a fraction of the link cap (TCP's share of an htb rate)",
+    )
     p.add_argument("--chunk-size", default="1MiB", help="the trainers' checkpoint chunk size")
     p.add_argument("--loopback", action="store_true", help="no network namespaces (no cap)")
     p.add_argument("--quick", action="store_true", help="smoke: 1 small model, 2 modes, few steps")
