@@ -96,7 +96,7 @@ def main() -> None:
     source = ckpt.restore_info.source if ckpt.restore_info else "?"
     if start == 0 and args.load_deepspeed is not None:
         _, client_state = engine.load_checkpoint(str(args.load_deepspeed))
-        load_exported_extras(client_state, data)
+        load_exported_extras(client_state, data, engine)
         start, source = engine.global_steps, f"DeepSpeed checkpoint {args.load_deepspeed}"
     print(f"rank {rank}/{world} pid {os.getpid()}: starting at step {start} ({source})", flush=True)
     for step in range(start, args.steps):

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import bench_snapshot
@@ -43,3 +45,34 @@ def test_bench_snapshot_writes_json(tmp_path):
         "overlapped_blocking_vs_plain_copy",
     }
     assert result["meets_goals"] is None  # goals are stated for 256 MiB and 1 GiB only
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_snapshot_zero3_case_snapshots_each_ranks_partition_only(tmp_path):
+    report = bench_snapshot.main(
+        [
+            "--sizes",
+            "1MiB",
+            "--repeats",
+            "2",
+            "--chunk-size",
+            "256KiB",
+            "--disk-dir",
+            str(tmp_path),
+            "--zero3-sizes",
+            "8MiB",
+            "--out",
+            str(tmp_path / "snapshot.json"),
+        ]
+    )
+    (case,) = report["zero3"]
+    assert [r["rank"] for r in case["ranks"]] == [0, 1]
+    for rank in case["ranks"]:
+        # Parameters and two Adam moments, fp32, split over 2 ranks: ~3/2 of the model's bytes.
+        model = rank["model_param_bytes"]
+        assert 1.4 * model <= rank["partition_bytes"] <= 1.6 * model
+        # Besides its partition a snapshot holds only small state (RNG streams, counters).
+        assert 0 <= rank["snapshot_tensor_bytes"] - rank["partition_bytes"] < 64 << 10
+        assert rank["save_sync_s"]["median"] > 0 and rank["overlapped_s"]["median"] > 0

@@ -7,9 +7,9 @@ empty placeholders, its buffers, the LR scheduler, counters and metadata) and
 `state_dict()`, the loss scaler), and `OUT/latest` naming the tag. A Gemini snapshot of a
 ZeRO-3 rank holds exactly these values (`state.py` records the metadata), so each rank's files
 are written from its persisted copy alone, without the model and without gathering; `engine.
-load_checkpoint(OUT)` on the same topology then continues bit-identically. Gemini's own extras
-(the user's extra state and the RNG streams, which DeepSpeed's checkpoints do not hold) go into
-the client state under "gemini"; `load_exported_extras` puts them back.
+load_checkpoint(OUT)` on the same topology then continues bit-identically. What DeepSpeed's
+checkpoints do not hold (the user's extra state, the RNG streams, the micro-step counter) goes
+into the client state under "gemini"; `load_exported_extras` puts it back.
 
 Copies are read and verified as for the DCP export (`export/exporter.py`), written into a staging
 directory and renamed to OUT at the end. ZeRO stages 1-2 put the whole module into one file,
@@ -88,7 +88,13 @@ def rank_files(tree: Any, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         "data_sampler": None,
         "random_ltd": None,
         **tree["engine"],
-        CLIENT_KEY: {"step": step, "extra_state": tree["extra_state"], "rng": tree["rng"]},
+        CLIENT_KEY: {
+            "step": step,
+            "extra_state": tree["extra_state"],
+            "rng": tree["rng"],
+            # DeepSpeed's own checkpoints leave the micro-step counter out.
+            "micro_steps": tree["engine"]["micro_steps"],
+        },
     }
     model_states.pop("micro_steps")
     scaler_class = _SCALERS[meta["loss_scaler_class"]]
@@ -111,15 +117,20 @@ def rank_files(tree: Any, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return model_states, optim_states
 
 
-def load_exported_extras(client_state: dict[str, Any], extra_state: Stateful | None) -> None:
-    """After `engine.load_checkpoint` of an export: restore the extra state and RNG streams.
+def load_exported_extras(
+    client_state: dict[str, Any], extra_state: Stateful | None, engine: Any = None
+) -> None:
+    """After `engine.load_checkpoint` of an export: restore what DeepSpeed's files leave out.
 
+    That is the extra state, the RNG streams and (given the `engine`) its micro-step counter.
     `client_state` is the second value `load_checkpoint` returns. Does nothing if it holds no
     Gemini extras (a checkpoint DeepSpeed wrote itself).
     """
     extras = client_state.get(CLIENT_KEY)
     if extras is None:
         return
+    if engine is not None:
+        engine.micro_steps = extras["micro_steps"]
     if extra_state is not None:
         extra_state.load_state_dict(extras["extra_state"])
     restore_rng(extras["rng"])
@@ -203,6 +214,7 @@ def _write_record(result: DeepSpeedExport, path: Path) -> None:
         "world_size": result.world_size,
         "reason": result.reason,
         "load": "engine.load_checkpoint(OUT) on the same world size and config; then "
-        "gemini_ckpt.integrations.deepspeed.layout.load_exported_extras(client_state, extra)",
+        "gemini_ckpt.integrations.deepspeed.layout.load_exported_extras(client_state, extra, "
+        "engine)",
     }
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
