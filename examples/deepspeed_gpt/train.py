@@ -72,6 +72,9 @@ def main() -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(args.seed)  # same initial weights on every rank
     torch.use_deterministic_algorithms(True)
+    # Deterministic mode also fills every torch.empty with NaN; ZeRO 1-2 allocate gradient buckets
+    # of reduce_bucket_size (5e8 elements) each backward, which that turns into seconds per step.
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     config = GPTConfig(
         vocab_size=len(VOCAB),
         seq_len=args.seq,
