@@ -58,10 +58,7 @@ class DeepSpeedState:
 
     def partition_nbytes(self) -> int:
         """Bytes of this rank's partitions and moments (what a snapshot holds besides metadata)."""
-        tensors = [*self.parts.fp32, *(self.parts.module or [])]
-        for per_param in self.parts.inner.state.values():
-            tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
-        unique = {t.untyped_storage().data_ptr(): t for t in tensors}
+        unique = {t.untyped_storage().data_ptr(): t for t in self._stable_tensors()}
         return sum(t.numel() * t.element_size() for t in unique.values())
 
     # -- capture ---------------------------------------------------------------------------------
@@ -107,6 +104,7 @@ class DeepSpeedState:
         return flat
 
     def _stable_tensors(self) -> list[torch.Tensor]:
+        """The partitions and moments: written only inside the hooked optimizers' steps."""
         parts = self.parts
         tensors = [*parts.fp32, *(parts.module or [])]
         for per_param in parts.inner.state.values():
