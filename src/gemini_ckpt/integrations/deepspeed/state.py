@@ -146,6 +146,7 @@ class DeepSpeedState:
         if parts.module is not None:
             _copy_all("module partition", parts.module, tree["module_partitions"])
         zero.load_optimizer_state(parts, tree["optimizer"])
+        zero.replay_cpu_adam_steps(parts)  # optimizer offload: the op's own step state
         _load_loss_scaler(zero_opt.loss_scaler, tree["zero"]["loss_scaler"])
         zero_opt.overflow = tree["zero"]["overflow"]
         for name, value in tree["engine"].items():

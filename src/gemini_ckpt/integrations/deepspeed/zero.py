@@ -157,3 +157,37 @@ def _load_param_state(state: Any, param: torch.Tensor, saved: dict[str, Any]) ->
 def hooked_optimizers(parts: ZeroPartitions) -> Sequence[torch.optim.Optimizer]:
     """The torch optimizers whose `step()` is the first write to the partitions."""
     return [parts.inner, *parts.extra_optimizers]
+
+
+def replay_cpu_adam_steps(parts: ZeroPartitions) -> None:
+    """Bring DeepSpeedCPUAdam's C++ step state to where an uninterrupted run has it.
+
+    The op keeps beta1^t and beta2^t and advances them by one multiplication per step; on a
+    jump (a fresh optimizer asked for step t + 1) it recomputes them with pow(), which differs
+    from the product in the last bits, so training after a restore would drift. Feeding it steps
+    1..t over empty tensors repeats the multiplications and updates nothing.
+    """
+    op, opt_id = getattr(parts.inner, "ds_opt_adam", None), getattr(parts.inner, "opt_id", None)
+    steps = {int(s["step"]) for s in parts.inner.state.values() if "step" in s}
+    if op is None or opt_id is None or not steps:
+        return
+    if len(steps) != 1:
+        raise RestoreError(f"DeepSpeedCPUAdam state holds different steps {sorted(steps)}")
+    group = parts.inner.param_groups[0]
+    beta1, beta2 = group["betas"]
+    empty = torch.empty(0, dtype=torch.float32)
+    for step in range(1, steps.pop() + 1):
+        op.adam_update(
+            opt_id,
+            step,
+            group["lr"],
+            beta1,
+            beta2,
+            group["eps"],
+            group["weight_decay"],
+            group["bias_correction"],
+            empty,
+            empty,
+            empty,
+            empty,
+        )
