@@ -1,11 +1,15 @@
 # The two commands a new user needs: `make demo` and `make test`. Each one installs what it needs
-# (virtual environment, PyTorch's CPU build, this package, the etcd-server Debian package) and then runs.
+# (virtual environment, PyTorch's CPU build, this package with its DeepSpeed extra, the etcd-server
+# Debian package) and then runs. DS_BUILD_OPS=0: DeepSpeed installs without compiling its ops.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch 2.13.0 is the CPU build this project is developed against; any torch>=2.3 works at run time.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# DeepSpeed's ops (the tests' DeepSpeed jobs compile its CPU shared-memory all-reduce, ~40 s)
+# are built on first use and cached here, so they compile once per environment.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 
 .PHONY: demo test lint unit integration bench install system-deps clean
 
@@ -38,7 +42,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[dev,deepspeed]"
 	touch $(STAMP)
 
 # etcd is the coordination store of multi-machine jobs; the venv module is missing on minimal Debian.

@@ -68,6 +68,7 @@ def job_spec(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
     if "--interleave" in interleave:
         agent_args += ("--profile-iterations", str(args.profile_iterations))
         agent_args += ("--interleave-buffer", args.interleave_buffer)
+        agent_args += ("--interleave-margin", str(args.margin))
         # The links are capped at --link-bandwidth; TCP gets a little less through htb, and a
         # cost model that assumes the full rate queues chunks into the next collective.
         goodput = parse_rate(args.link_bandwidth) * args.goodput
@@ -279,6 +280,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compute-ms", type=float, default=0.0, help="0: from the model's FLOPs")
     p.add_argument("--link-bandwidth", default="500mbit")
     p.add_argument("--interleave-buffer", default="4MiB", help="R (p = 4 unless nopipe)")
+    p.add_argument("--margin", type=float, default=0.8, help="mu, the share of each span used")
     p.add_argument(
         "--goodput",
         type=float,

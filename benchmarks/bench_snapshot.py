@@ -39,7 +39,8 @@ import torch
 
 from gemini_ckpt import Checkpointer
 from gemini_ckpt.agent.embedded import EmbeddedAgent
-from gemini_ckpt.config import parse_size
+from gemini_ckpt.config import TrainerConfig, parse_size
+from gemini_ckpt.snapshot.checkpointer import StateCheckpointer
 
 GOALS = {
     "sync_vs_plain_copy_max": 1.3,
@@ -112,7 +113,10 @@ def clock(fn: Callable[[], Any]) -> float:
 
 
 class Saver:
-    """One rank's Checkpointer over the shared state, timing its saves."""
+    """One rank's Checkpointer over the shared state, timing its saves.
+
+    `make` builds the checkpointer from its configuration (default: `Checkpointer(*state)`).
+    """
 
     def __init__(
         self,
@@ -121,6 +125,7 @@ class Saver:
         mode: str,
         state: tuple[Any, Any],
         args: argparse.Namespace,
+        make: Callable[[TrainerConfig], StateCheckpointer] | None = None,
     ) -> None:
         config = agent.trainer_config(
             rank=rank,
@@ -128,7 +133,7 @@ class Saver:
             copy_threads=args.threads,
             chunk_size=parse_size(args.chunk_size),
         )
-        self.ckpt = Checkpointer(*state, config=config)
+        self.ckpt = make(config) if make else Checkpointer(*state, config=config)
         self.step = self.ckpt.restore()
         self.kind = args.compute
 
@@ -278,6 +283,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="512MiB",
         help="total state sizes of the FSDP2 case, sharded over 2 ranks ('' skips it)",
     )
+    p.add_argument(
+        "--zero3-sizes",
+        default="",
+        help="also checkpoint a DeepSpeed ZeRO-3 engine of these total state sizes, 2 ranks "
+        "(needs the deepspeed extra); empty: skip",
+    )
     p.add_argument("--out", default="bench-results/snapshot.json")
     return p.parse_args(argv)
 
@@ -305,6 +316,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "fsdp2": fsdp2,
     }
+    if args.zero3_sizes:
+        import bench_zero3  # DeepSpeed is an optional extra
+
+        report["zero3"] = [
+            bench_zero3.run(parse_size(s), args) for s in args.zero3_sizes.split(",")
+        ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -312,6 +329,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(line)
     if fsdp2:
         for line in fsdp2_case.table(fsdp2):
+            print(line)
+    if "zero3" in report:
+        import bench_zero3
+
+        for line in bench_zero3.table(report["zero3"]):
             print(line)
     return report
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +300,17 @@ def job_secret_from_env() -> str:
 def shm_root() -> Path:
     """Where machine agents put their checkpoint memory."""
     return Path(os.environ.get("GEMINI_SHM_DIR", "/dev/shm"))
+
+
+def use_torch_extensions_dir() -> Path:
+    """Where PyTorch (and DeepSpeed) cache the ops they compile: `TORCH_EXTENSIONS_DIR`.
+
+    Left alone when set; otherwise set, for this process and those it starts, to
+    `<python environment>/torch-extensions`, so compiled ops survive `~/.cache` being cleared
+    and every process of an environment shares them (a cold compile takes ~40 s per op).
+    """
+    default = Path(sys.prefix) / "torch-extensions"
+    return Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default)))
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from gemini_ckpt.demo import train_gpt
@@ -22,20 +23,26 @@ def run_demo_job(
     persistent tier every 4 steps and a 2 s lease are the defaults). Fails the test, with the
     agents' logs, unless the job succeeds.
     """
+    return run_script_job(run_dir, SCRIPT, model_args(run_dir, model), faults, **spec)
+
+
+def model_args(run_dir: Path, model: tuple[int, int, int]) -> tuple[str, ...]:
+    """The demo GPT's arguments: `model` = steps, d_model, layers; batch 4; final state kept."""
     steps, d_model, layers = model
     args = ["--steps", str(steps), "--d-model", str(d_model), "--layers", str(layers)]
     args += ["--batch", "4", "--seq", str(d_model // 2), "--final-state", str(run_dir / "final")]
-    return run_script_job(run_dir, SCRIPT, args, faults, **spec)
+    return tuple(args)
 
 
 def run_script_job(
     run_dir: Path,
     script: Path,
-    args: list[str],
+    args: Sequence[str],
     faults: tuple[str, ...] = (),
+    timeout_s: float = 300,
     **spec: object,
 ) -> LocalTestbed:
-    """Run `script` with `args` to the end on the test bed, with `run_demo_job`'s defaults."""
+    """Run `script args` to the end on the test bed, with `run_demo_job`'s defaults."""
     fields: dict[str, object] = dict(
         script=script,
         script_args=tuple(args),
@@ -48,7 +55,7 @@ def run_script_job(
     )
     fields.update(spec)
     with LocalTestbed(LocalSpec(**fields)) as bed:  # type: ignore[arg-type]
-        code = bed.wait(300)
+        code = bed.wait(timeout_s)
     machines = int(fields.get("machines", 1))  # type: ignore[call-overload]
     assert code == 0, "\n".join(bed.agent_log(m)[-3000:] for m in range(machines))
     return bed

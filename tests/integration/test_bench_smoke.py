@@ -55,3 +55,37 @@ def test_bench_snapshot_writes_json(tmp_path):
         assert rank["snapshot_model_optimizer_bytes"] == rank["partition_bytes"]
         assert rank["partition_bytes"] * 2 == pytest.approx(fsdp2["bytes"], rel=0.01)
         assert len(rank["save_sync_s"]["samples"]) == 2
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_snapshot_zero3_case_snapshots_each_ranks_partition_only(tmp_path):
+    report = bench_snapshot.main(
+        [
+            "--sizes",
+            "1MiB",
+            "--repeats",
+            "2",
+            "--chunk-size",
+            "256KiB",
+            "--disk-dir",
+            str(tmp_path),
+            "--zero3-sizes",
+            "8MiB",
+            "--fsdp2-sizes",
+            "",
+            "--out",
+            str(tmp_path / "snapshot.json"),
+        ]
+    )
+    (case,) = report["zero3"]
+    assert [r["rank"] for r in case["ranks"]] == [0, 1]
+    for rank in case["ranks"]:
+        # Half of each of: the module, the fp32 master weights and two Adam moments (plus padding
+        # and the step counter): twice the model's bytes, not the 4x a gathered copy would be.
+        model = rank["model_param_bytes"]
+        assert 2 * model <= rank["partition_bytes"] < 2 * model + 1024
+        # Besides its partition a snapshot holds only small state (RNG streams, counters).
+        assert 0 <= rank["snapshot_tensor_bytes"] - rank["partition_bytes"] < 64 << 10
+        assert rank["save_sync_s"]["median"] > 0 and rank["overlapped_s"]["median"] > 0

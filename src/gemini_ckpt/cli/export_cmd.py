@@ -1,5 +1,9 @@
 """`gemini-ckpt export`: one persisted step as torch.distributed.checkpoint (DCP) checkpoints.
 
+With `--format deepspeed`, a ZeRO-3 job's step becomes a checkpoint in DeepSpeed's own layout
+(OUT/latest, OUT/global_step<N>/zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt) that
+`engine.load_checkpoint(OUT)` reads; that needs the `deepspeed` extra.
+
 Reads a job's persistent tier (`--persist-dir` and `--run-id` as given to `launch`), verifies every
 chunk of each rank's copy against its checksum, and writes OUT/rank-<r>/, a single-process DCP
 checkpoint of that rank's whole training state (model, optimizers, LR scheduler, extra state, RNG
@@ -100,6 +104,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="the directory to create (env GEMINI_EXPORT_OUT)",
     )
     p.add_argument(
+        "--format",
+        choices=("dcp", "deepspeed"),
+        default=env_default("GEMINI_EXPORT_FORMAT", "dcp"),
+        help="dcp: one DCP checkpoint per rank (default); deepspeed: a ZeRO-3 job's step in "
+        "DeepSpeed's checkpoint layout, for engine.load_checkpoint (env GEMINI_EXPORT_FORMAT)",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         default=(env_default("GEMINI_EXPORT_FORCE") or "").lower() in {"1", "true", "yes", "on"},
@@ -117,16 +128,17 @@ def _location(text: str) -> str | Path:
 
 def run(args: argparse.Namespace) -> int:
     """Export the step and print one line per rank."""
-    result = export_step(
-        ExportRequest(
-            persist_dir=_location(args.persist_dir),
-            job=args.run_id,
-            out=Path(args.out),
-            step=args.step,
-            ranks=args.ranks,
-            force=args.force,
-        )
+    request = ExportRequest(
+        persist_dir=_location(args.persist_dir),
+        job=args.run_id,
+        out=Path(args.out),
+        step=args.step,
+        ranks=args.ranks,
+        force=args.force,
     )
+    if args.format == "deepspeed":
+        return _run_deepspeed(request)
+    result = export_step(request)
     print(f"job {result.job}: {result.reason}; world size {result.world_size}")
     for rank in result.ranks:
         print(
@@ -135,4 +147,18 @@ def run(args: argparse.Namespace) -> int:
             f"{rank.chunks_verified} chunks verified)"
         )
     print(f"record: {result.out / RECORD}")
+    return 0
+
+
+def _run_deepspeed(request: ExportRequest) -> int:
+    try:
+        from gemini_ckpt.integrations.deepspeed.layout import export_deepspeed
+    except ImportError as e:
+        raise ConfigError(
+            f"--format deepspeed needs DeepSpeed (pip install gemini-ckpt[deepspeed]): {e}"
+        ) from e
+    result = export_deepspeed(request)
+    print(f"job {result.job}: {result.reason}; world size {result.world_size}")
+    print(f"step {result.step} -> {result.out / result.tag} (DeepSpeed ZeRO-3 layout)")
+    print(f"load with engine.load_checkpoint({str(result.out)!r}) on {result.world_size} ranks")
     return 0

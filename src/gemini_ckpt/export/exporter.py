@@ -161,7 +161,7 @@ def check_out(request: ExportRequest) -> None:
         raise ConfigError(f"the export directory {request.out} is not empty; --force replaces it")
 
 
-def _publish(staging: Path, out: Path, force: bool) -> None:
+def publish(staging: Path, out: Path, force: bool) -> None:
     """Rename the finished export to `out`: a whole export under that name or none at all."""
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
@@ -224,7 +224,7 @@ def export_step(request: ExportRequest) -> ExportResult:
             _write_record(result, request, staging / RECORD)
             # Ordering: OUT appears only once every rank's DCP files (fsynced by DCP) and the
             # record are in place.
-            _publish(staging, request.out, request.force)
+            publish(staging, request.out, request.force)
         except OSError as e:
             raise ExportError(f"cannot write the export to {request.out}: {e}") from e
     finally:

@@ -24,9 +24,9 @@ from gemini_ckpt.replication.fetch import (
     fetch_replica,
 )
 from gemini_ckpt.replication.mapping import SlotMappings
+from gemini_ckpt.replication.pacing import Pacing
 from gemini_ckpt.replication.sender import (
     Backoff,
-    Pacing,
     PeerLink,
     PushResult,
     PushStatus,

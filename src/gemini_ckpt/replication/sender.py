@@ -21,18 +21,16 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
 
 from gemini_ckpt.errors import ConfigError, GeminiError, ReplicationError
-from gemini_ckpt.interleave.pacer import LinkPacer
-from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.replication import wire
 from gemini_ckpt.replication.auth import AuthenticationError, Credentials
 from gemini_ckpt.replication.connection import Timeouts, call, connect, expect_ok
 from gemini_ckpt.replication.mapping import SlotMappings
+from gemini_ckpt.replication.pacing import Acks, Pacing, unit_bytes, units
 from gemini_ckpt.store.local_store import LocalStore, SlotRef
 
 log = logging.getLogger(__name__)
@@ -97,22 +95,6 @@ class Backoff:
     def __post_init__(self) -> None:
         if not 0 < self.first_s <= self.max_s:
             raise ConfigError(f"backoff of {self.first_s} s up to {self.max_s} s is not valid")
-
-
-@dataclass(frozen=True)
-class Pacing:
-    """How a push interleaves with training: chunks wait for link time in idle windows.
-
-    Chunks go in units of at most `unit_bytes` (one sub-buffer, R/p; at least one chunk), each
-    granted by `pacer` before it leaves; at most `window` units (the p sub-buffers) are
-    unacknowledged at once, so 1 means each unit waits for the peer to have stored the previous.
-    `cancelled()` ends a wait for link time (the generation changed or the agent stops).
-    """
-
-    pacer: LinkPacer
-    unit_bytes: int
-    window: int
-    cancelled: Callable[[], bool] = lambda: False
 
 
 class PeerLink:
@@ -255,11 +237,11 @@ class PeerLink:
         )
         if reply.get("held"):
             return PushStatus.REPLICATED, "the peer already held it", 0
-        acks = _Acks(sock, self.where, pacing.window if pacing else 0)
-        for unit in _units(manifest, pacing.unit_bytes if pacing else 0):
+        acks = Acks(sock, self.where, pacing.window if pacing else 0)
+        for unit in units(manifest, pacing.unit_bytes if pacing else 0):
             if pacing is not None:
                 asked = time.monotonic()
-                granted = pacing.pacer.acquire(_unit_bytes(manifest, unit), pacing.cancelled)
+                granted = pacing.pacer.acquire(unit_bytes(manifest, unit), pacing.cancelled)
                 self._paced_s += time.monotonic() - asked
                 if not granted:
                     return self._abort(sock, acks, "the push was cancelled", progress)
@@ -289,7 +271,7 @@ class PeerLink:
         return staged
 
     def _abort(
-        self, sock: socket.socket, acks: _Acks, reason: str, progress: list[int]
+        self, sock: socket.socket, acks: Acks, reason: str, progress: list[int]
     ) -> tuple[PushStatus, str, int]:
         acks.drain()
         wire.send(sock, {"op": "abort", "reason": reason})
@@ -342,50 +324,6 @@ def push_replica(
     For a one-off push: `with PeerLink(endpoint, credentials) as link: push_replica(link, ...)`.
     """
     return link.push(store, ref, generation, corrupt_chunk)
-
-
-class _Acks:
-    """The units sent and not yet acknowledged; at most `window` (0: no acknowledgements)."""
-
-    def __init__(self, sock: socket.socket, where: str, window: int) -> None:
-        self._sock, self._where, self._window = sock, where, window
-        self._outstanding = 0
-
-    def sent(self) -> None:
-        """A unit left; wait for the oldest acknowledgement while the window is full."""
-        if self._window <= 0:
-            return
-        self._outstanding += 1
-        while self._outstanding >= self._window:
-            self._receive()
-
-    def drain(self) -> None:
-        """Wait for every outstanding acknowledgement (before a commit or an abort)."""
-        while self._outstanding > 0:
-            self._receive()
-
-    def _receive(self) -> None:
-        expect_ok(self._sock, self._where, "a chunk")
-        self._outstanding -= 1
-
-
-def _units(manifest: Manifest, unit_bytes: int) -> list[list[int]]:
-    """Chunk indices grouped into units of at most `unit_bytes` (at least one chunk each)."""
-    units: list[list[int]] = []
-    size = 0
-    for index in range(manifest.num_chunks):
-        start, end = manifest.chunk_range(index)
-        if units and unit_bytes > 0 and size + (end - start) <= unit_bytes:
-            units[-1].append(index)
-            size += end - start
-        else:
-            units.append([index])
-            size = end - start
-    return units
-
-
-def _unit_bytes(manifest: Manifest, unit: list[int]) -> int:
-    return manifest.chunk_range(unit[-1])[1] - manifest.chunk_range(unit[0])[0]
 
 
 def _stale(sock: socket.socket) -> bool:

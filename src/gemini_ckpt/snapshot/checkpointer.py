@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -33,12 +33,14 @@ from gemini_ckpt.snapshot.copier import ChunkCopier
 from gemini_ckpt.snapshot.layout import Layout, plan_layout, signature
 from gemini_ckpt.snapshot.profiler import IterationProfiler, hook_ddp, install_collective_hooks
 from gemini_ckpt.snapshot.reader import verified_tensors
-from gemini_ckpt.snapshot.state import Stateful, TrainingState
+from gemini_ckpt.snapshot.state import SnapshotSource, Stateful, TrainingState
 from gemini_ckpt.snapshot.tree import FlatState, unflatten
 from gemini_ckpt.snapshot.writer import SaveTiming, Session, SlotWriter, cuda_ready_event
 from gemini_ckpt.store.shm import map_file
 
 log = logging.getLogger(__name__)
+
+_C = TypeVar("_C", bound="StateCheckpointer")
 
 
 @dataclass(frozen=True)
@@ -51,28 +53,17 @@ class RestoreInfo:
     chunks_verified: int = 0
 
 
-class Checkpointer:
-    """Per-iteration in-memory checkpoints of one rank, kept by the machine's Gemini agent.
+class StateCheckpointer:
+    """Per-iteration in-memory checkpoints of one rank's `SnapshotSource`, kept by the agent.
 
-    The constructor only records its arguments; the first `restore()`/`save()` (or `start()`)
-    connects to the agent. Use as a context manager or call `close()` at the end.
+    The base of `Checkpointer` and of the framework integrations (`gemini_ckpt.integrations`),
+    which differ only in the state they capture and load. The constructor only records its
+    arguments; the first `restore()`/`save()` (or `start()`) connects to the agent. Use as a
+    context manager or call `close()` at the end.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
-        *,
-        lr_scheduler: Stateful | None = None,
-        extra_state: Stateful | None = None,
-        config: TrainerConfig | None = None,
-    ) -> None:
-        optimizers = (
-            []
-            if optimizer is None
-            else ([optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer))
-        )
-        self._state = TrainingState(model, optimizers, lr_scheduler, extra_state)
+    def __init__(self, state: SnapshotSource, *, config: TrainerConfig | None = None) -> None:
+        self._state = state
         self._given_config = config
         self._session: Session | None = None
         self._writer: SlotWriter | None = None
@@ -109,7 +100,7 @@ class Checkpointer:
         if config.profile is not None:
             # The agent interleaves replication into the network's idle time: it needs to know
             # when that is. Hooked before the first iteration, so every generation is timed alike.
-            hook_ddp(self._state.model)
+            hook_ddp(getattr(self._state, "model", None))
             self._profiler = IterationProfiler(
                 install_collective_hooks(),
                 config.profile.iterations,
@@ -119,7 +110,7 @@ class Checkpointer:
             )
         self._hooks = [
             opt.register_step_pre_hook(self._before_optimizer_step)
-            for opt in self._state.optimizers
+            for opt in self._state.hooked_optimizers()
         ]
 
     def close(self) -> None:
@@ -139,7 +130,7 @@ class Checkpointer:
                 self._writer.close()
                 self._writer = None
 
-    def __enter__(self) -> Checkpointer:
+    def __enter__(self: _C) -> _C:
         self.start()
         return self
 
@@ -286,6 +277,30 @@ class Checkpointer:
         if self._session is None:
             raise SnapshotError("Checkpointer is closed")
         return self._session
+
+
+class Checkpointer(StateCheckpointer):
+    """Per-iteration in-memory checkpoints of a model, its optimizers and the rest of the state.
+
+    `optimizer` may be one optimizer or several; `lr_scheduler` and `extra_state` are anything with
+    `state_dict()`/`load_state_dict()`. RNG states are captured and restored automatically.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        *,
+        lr_scheduler: Stateful | None = None,
+        extra_state: Stateful | None = None,
+        config: TrainerConfig | None = None,
+    ) -> None:
+        optimizers = (
+            []
+            if optimizer is None
+            else ([optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer))
+        )
+        super().__init__(TrainingState(model, optimizers, lr_scheduler, extra_state), config=config)
 
 
 def _save_job(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import statistics
+import sys
 import threading
 import time
 from collections import Counter
@@ -109,7 +110,24 @@ def install_collective_hooks() -> CollectiveTimeline:
             original = getattr(dist, name, None)
             if original is not None and not hasattr(original, "__gemini_timed__"):
                 setattr(dist, name, _timed(original, _TIMELINE))
+        _rebind_deepspeed()
     return _TIMELINE
+
+
+def _rebind_deepspeed() -> None:
+    """Point DeepSpeed's own references to the gather and scatter functions at the timed ones.
+
+    Its torch backend took them when it started, before any checkpointer. Nothing is imported: a
+    process without DeepSpeed has no such module.
+    """
+    comm = sys.modules.get("deepspeed.comm.comm")
+    backend = getattr(comm, "cdb", None)
+    for attribute, name in (
+        ("all_gather_function", "all_gather_into_tensor"),
+        ("reduce_scatter_function", "reduce_scatter_tensor"),
+    ):
+        if getattr(backend, attribute, None) is not None:
+            setattr(backend, attribute, getattr(dist, name))
 
 
 def _timed(original: Callable[..., Any], timeline: CollectiveTimeline) -> Callable[..., Any]:
@@ -182,7 +200,7 @@ class _TimedWork(Work):
         return self._inner.get_future()
 
 
-def hook_ddp(model: torch.nn.Module) -> bool:
+def hook_ddp(model: torch.nn.Module | None) -> bool:
     """Route a DDP model's gradient all-reduce through the timed `all_reduce`; False if not DDP.
 
     DDP accepts one communication hook per model: a model that registered its own keeps it (and

@@ -21,6 +21,24 @@ from gemini_ckpt.snapshot.sharded import ShardLoader, contains_shards, local_sha
 from gemini_ckpt.snapshot.tree import FlatState, flatten
 
 
+class SnapshotSource(Protocol):
+    """What a checkpointer captures and loads: a `TrainingState` or an integration's state.
+
+    `capture` must only reference (not clone) tensors that change solely inside a `step()` of one
+    of `hooked_optimizers()`: the checkpointer waits for the background copy in a step pre-hook
+    of each of them. Everything else it must clone when `clone_unstable` is true.
+    """
+
+    def hooked_optimizers(self) -> Sequence[torch.optim.Optimizer]:
+        """The optimizers whose `step()` is the only place the referenced tensors change."""
+
+    def capture(self, *, clone_unstable: bool) -> FlatState:
+        """Snapshot the state tree, called at `save()`."""
+
+    def load(self, tree: Any) -> None:
+        """Load a tree produced by `capture` back, in place."""
+
+
 class Stateful(Protocol):
     """Anything with `state_dict()` / `load_state_dict()` (a data position, a sampler, ...)."""
 
@@ -39,6 +57,10 @@ class TrainingState:
     optimizers: Sequence[torch.optim.Optimizer]
     lr_scheduler: Stateful | None = None
     extra_state: Stateful | None = None
+
+    def hooked_optimizers(self) -> Sequence[torch.optim.Optimizer]:
+        """The given optimizers: parameters and their state change only in their `step()`."""
+        return self.optimizers
 
     def stable_storages(self) -> set[int]:
         """Storages that change only inside a hooked `optimizer.step()`.
