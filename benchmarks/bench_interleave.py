@@ -58,8 +58,9 @@ def job_spec(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
     script_args = ["--model", model, "--parallel", args.parallel, "--checkpoint", checkpoint]
     script_args += ["--steps", str(args.warmup + args.profile_iterations + args.iterations)]
     script_args += ["--timings", str(run_dir / "timings")]
-    if args.scale:
-        script_args += ["--scale", str(args.scale)]
+    scale = args.scale or target_scale(model, args)
+    if scale:
+        script_args += ["--scale", str(scale)]
     if args.layers:
         script_args += ["--layers", str(args.layers)]
     if args.compute_ms:
@@ -86,6 +87,14 @@ def job_spec(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
         # Chunks are the smallest unit a paced push sends: small enough for the idle gaps.
         env={"GEMINI_CHUNK_SIZE": args.chunk_size},
     )
+
+
+def target_scale(model: str, args: argparse.Namespace) -> int:
+    """The scale that leaves `model` (with `--layers`) about `--target-params` parameters."""
+    if not args.target_params:
+        return 0
+    full = emulated.make_plan(_trainer_args(args, model, scale=1), args.machines).parameters()
+    return max(1, round(full / args.target_params))
 
 
 def iteration_records(run_dir: Path, machines: int, first: int) -> dict[int, list[dict[str, Any]]]:
@@ -277,6 +286,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-iterations", type=int, default=20)
     p.add_argument("--scale", type=int, default=0, help="0: the model's default")
     p.add_argument("--layers", type=int, default=0, help="transformer layers kept (0: all)")
+    p.add_argument(
+        "--target-params",
+        type=float,
+        default=0,
+        help="without --scale: scale each model to about this many parameters",
+    )
     p.add_argument("--compute-ms", type=float, default=0.0, help="0: from the model's FLOPs")
     p.add_argument("--link-bandwidth", default="500mbit")
     p.add_argument("--interleave-buffer", default="4MiB", help="R (p = 4 unless nopipe)")
@@ -352,8 +367,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def _trainer_args(args: argparse.Namespace, model: str) -> argparse.Namespace:
-    argv = ["--model", model, "--parallel", args.parallel, "--scale", str(args.scale)]
+def _trainer_args(
+    args: argparse.Namespace, model: str, scale: int | None = None
+) -> argparse.Namespace:
+    if scale is None:
+        scale = args.scale or target_scale(model, args)
+    argv = ["--model", model, "--parallel", args.parallel, "--scale", str(scale)]
     argv += ["--layers", str(args.layers)]
     return emulated.parse_args([*argv, "--compute-ms", str(args.compute_ms)])
 
