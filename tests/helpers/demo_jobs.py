@@ -21,9 +21,11 @@ def run_demo_job(
 
     Its final state lands in `run_dir/final`; `spec` sets or overrides `LocalSpec` fields (the
     persistent tier every 4 steps and a 2 s lease are the defaults). Fails the test, with the
-    agents' logs, unless the job succeeds.
+    agents' logs, unless the job succeeds. `script=` runs another script taking the same
+    arguments (the FSDP2 example).
     """
-    return run_script_job(run_dir, SCRIPT, model_args(run_dir, model), faults, **spec)
+    script = Path(str(spec.pop("script", SCRIPT)))
+    return run_script_job(run_dir, script, model_args(run_dir, model), faults, **spec)
 
 
 def model_args(run_dir: Path, model: tuple[int, int, int]) -> tuple[str, ...]:
