@@ -107,7 +107,8 @@ def test_wrapped_collectives_record_their_busy_time_sync_and_async(gloo_world):
         assert len(timeline.drain()) == 3
         # gloo's reduce-scatter handle has no future: its end is taken when it is waited for,
         # and the handle is still a Work (FSDP2 waits only for those).
-        work = dist.reduce_scatter_tensor(torch.empty(4), torch.ones(4), async_op=True)
+        reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+        work = reduce_scatter(torch.empty(4), torch.ones(4), async_op=True)
         assert isinstance(work, dist.distributed_c10d.Work)
         assert timeline.drain() == []
         time.sleep(0.05)
