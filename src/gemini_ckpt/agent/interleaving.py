@@ -26,6 +26,7 @@ from gemini_ckpt.interleave.profile import (
     IdleProfile,
     merge_profiles,
     profile_from_dict,
+    profile_to_dict,
 )
 from gemini_ckpt.interleave.settings import InterleaveSettings
 from gemini_ckpt.observability import events
@@ -140,9 +141,8 @@ class TrafficShaper:
         self._events.emit(
             events.INTERLEAVE_SCHEDULE,
             generation=generation,
-            iteration_s=merged.iteration_seconds,
+            **profile_to_dict(merged),
             idle_s=merged.idle_seconds,
-            spans=[[span.start, span.length] for span in merged.spans],
             spread={str(rank): values for rank, values in sorted(self._spread.items())},
             shard_bytes=traffic.shard_bytes,
             interval=schedule.interval_iterations if schedule else None,

@@ -40,6 +40,7 @@ from gemini_ckpt.interleave.profile import (
     IdleProfile,
     idle_spans,
     mean_profile,
+    profile_to_dict,
     span_spread,
 )
 
@@ -237,8 +238,7 @@ class ProfileReport:
     def to_dict(self) -> dict[str, Any]:
         """The `profile` request's field."""
         return {
-            "iteration_s": self.profile.iteration_seconds,
-            "spans": [[span.start, span.length] for span in self.profile.spans],
+            **profile_to_dict(self.profile),
             "iterations": self.iterations,
             "max_spread": self.max_spread,
             "spread": list(self.spread),
