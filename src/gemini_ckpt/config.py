@@ -84,6 +84,15 @@ def env_default(name: str, fallback: str | None = None) -> str | None:
     return os.environ.get(name, fallback)
 
 
+def env_or(name: str, fallback: str) -> str:
+    """A command-line flag's default: its `GEMINI_<NAME>` environment twin, or `fallback`.
+
+    Defaults stay strings: argparse converts them with the option's `type`, so a bad value in the
+    environment is reported like a bad flag.
+    """
+    return env_default(f"GEMINI_{name}", fallback) or fallback
+
+
 def default_copy_threads() -> int:
     """Copy threads per trainer: at most two; more threads only fight over memory bandwidth."""
     return max(1, min(2, os.cpu_count() or 1))

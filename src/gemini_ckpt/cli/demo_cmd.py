@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from gemini_ckpt.cli.launch_cmd import env_or as env
 from gemini_ckpt.cli.local_cmd import run_testbed
 from gemini_ckpt.cli.progress import summary_lines
+from gemini_ckpt.config import env_or as env
 from gemini_ckpt.demo import final_state, train_gpt
 from gemini_ckpt.testbed.local import LocalSpec
 

@@ -8,9 +8,7 @@ from gemini_ckpt import config as cfg
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.interleave.settings import InterleaveSettings
 
-
-def _env(name: str, fallback: str) -> str:
-    return cfg.env_default(f"GEMINI_{name}", fallback) or fallback
+_env = cfg.env_or
 
 
 def add_interleave_options(parser: argparse.ArgumentParser) -> None:

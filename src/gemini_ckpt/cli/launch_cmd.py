@@ -33,17 +33,7 @@ from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog
 from gemini_ckpt.store.files import parse_location
 
-
-def env_or(name: str, fallback: str) -> str:
-    """The value of the flag's `GEMINI_<NAME>` environment twin, or `fallback`.
-
-    Defaults stay strings: argparse converts them with the option's `type`, so a bad value in the
-    environment is reported like a bad flag.
-    """
-    return cfg.env_default(f"GEMINI_{name}", fallback) or fallback
-
-
-_env = env_or
+_env = cfg.env_or
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 

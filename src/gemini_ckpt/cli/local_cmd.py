@@ -10,9 +10,9 @@ from pathlib import Path
 
 from gemini_ckpt.cli.interleave_opts import interleave_settings
 from gemini_ckpt.cli.launch_cmd import add_common_options
-from gemini_ckpt.cli.launch_cmd import env_or as env
 from gemini_ckpt.cli.progress import event_line, summary_lines
 from gemini_ckpt.cli.workload_opts import resolve_workload
+from gemini_ckpt.config import env_or as env
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.observability.summary import RunSummary
 from gemini_ckpt.store.files import parse_location
