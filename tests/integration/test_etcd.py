@@ -220,6 +220,23 @@ def test_a_brief_outage_is_ridden_out_by_retrying_calls(tmp_path):
         client.close()
 
 
+def test_a_dead_member_costs_a_round_trip_not_the_calls_budget(server, kv):
+    # The first endpoint refuses connections (a killed member). A call whose whole budget is
+    # one attempt must still reach the live one: waiting for the dead one to come back would
+    # spend it all there (and make every call in turn land on it and fail).
+    (dead,) = etcd_server.free_ports("127.0.0.1", 1)
+    config = EtcdClientConfig(
+        (f"127.0.0.1:{dead}", *server.endpoints), request_timeout_s=1.0, attempt_timeout_s=1.0
+    )
+    kv.put("x", b"1")
+    with EtcdKV(config).start(check=False) as client:
+        for _ in range(3):
+            started = time.monotonic()
+            assert client.get("x", timeout_s=1.0) == b"1"
+            assert time.monotonic() - started < 0.5
+            client._pool.failed(client._pool.pick())  # back round to the dead member
+
+
 def test_a_missing_binary_says_what_to_install():
     with pytest.raises(EtcdServerError, match="etcd-server"):
         EtcdServer(EtcdServerConfig(binary="etcd-not-installed-here")).start()

@@ -138,12 +138,29 @@ class _Stubs:
         self.watch = etcdrpc.WatchStub(channel)
 
 
+def raft_leader(endpoints: Sequence[str], timeout_s: float = 2.0) -> int | None:
+    """Index in `endpoints` of the raft leader, None if none says it leads (faults, tests)."""
+    for index, endpoint in enumerate(endpoints):
+        with grpc.insecure_channel(endpoint) as channel:
+            stub = etcdrpc.MaintenanceStub(channel)
+            with contextlib.suppress(grpc.RpcError):
+                status = stub.Status(etcdrpc.StatusRequest(), timeout=timeout_s)
+                if status.leader and status.leader == status.header.member_id:
+                    return index
+    return None
+
+
 _PROBE = etcdrpc.RangeRequest(key=b"gemini/health", count_only=True)
 
 
 def _probe(endpoint: Endpoint, timeout_s: float) -> object:
-    """A linearizable read: it answers only on a member that has a leader."""
-    return endpoint.stubs.kv.Range(_PROBE, timeout=timeout_s, wait_for_ready=True)
+    """A linearizable read: it answers only on a member that has a leader.
+
+    Fail-fast (gRPC's default, no wait-for-ready): a channel that is not connected yet connects
+    first, but one whose member refuses connections fails at once instead of waiting out the
+    timeout for the member to come back.
+    """
+    return endpoint.stubs.kv.Range(_PROBE, timeout=timeout_s)
 
 
 class EtcdKV:

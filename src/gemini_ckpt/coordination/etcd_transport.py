@@ -6,7 +6,10 @@ client) builds the requests and passes in the stubs. What it decides:
 * One channel per endpoint; calls go to the current endpoint and move to the next one when it
   fails. An endpoint that failed (or was never used) is *suspect*: before the next request is sent
   there, a probe read must succeed on it within the attempt timeout, so a request that cannot be
-  retried is only sent to a member that just answered.
+  retried is only sent to a member that just answered. The probe fails fast on a member that
+  refuses connections (a dead one costs a round trip, not an attempt timeout: waiting for it to
+  come back would spend the call's whole budget there while the live members are idle); once
+  every endpoint failed in one call, the call pauses briefly before the next round.
 * `EndpointPool.call` retries a call on the next endpoint until its timeout runs out, unless told
   not to (transactions): then only a call that never left (the channel could not connect) is
   retried, and a failure after sending raises `CoordinationUnavailableError` saying the outcome
@@ -51,6 +54,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.max_receive_message_length", 64 << 20),
 ]
+# A call that saw every member fail waits this long before the next round, doubling up to the max.
+_ROUND_PAUSE_S = 0.05
+_MAX_ROUND_PAUSE_S = 0.4
 # Watch only on a member that has a leader: a member cut off from the others ends the stream.
 _REQUIRE_LEADER = (("hasleader", "true"),)
 
@@ -153,11 +159,21 @@ class EndpointPool:
         timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         errors: list[str] = []
+        failed_here: set[str] = set()
+        pause = _ROUND_PAUSE_S
         while (remaining := deadline - time.monotonic()) > 0:
+            if len(failed_here) >= len(set(self.config.endpoints)):
+                # Every member failed once (all restarting, or refusing at once): pause rather
+                # than spin through them, then go round again.
+                time.sleep(min(pause, remaining))
+                pause = min(2 * pause, _MAX_ROUND_PAUSE_S)
+                failed_here.clear()
+                continue
             endpoint = self.pick()
             attempt = min(remaining, self.config.attempt_timeout_s)
             if endpoint.suspect and (problem := self._check(endpoint, attempt)):
                 errors.append(f"{endpoint.address}: {problem}")
+                failed_here.add(endpoint.address)
                 self.failed(endpoint)
                 continue
             try:
@@ -168,6 +184,7 @@ class EndpointPool:
                     raise LeaseLostError(f"etcd {what}: {details}") from e
                 if code not in TRANSIENT:
                     raise CoordinationError(f"etcd {what} failed: {code.name}: {details}") from e
+                failed_here.add(endpoint.address)
                 self.failed(endpoint)
                 if not retry and not never_sent(code, details):
                     raise CoordinationUnavailableError(
