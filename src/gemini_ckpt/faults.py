@@ -32,8 +32,9 @@ _KINDS = {
     # SIGKILLed and its shared memory is unlinked (machine=M; kill-root: the root's machine).
     "kill-machine": ("step", "machine"),
     "kill-root": ("step",),
-    # Executed by the test bed, which runs the job's etcd: SIGKILL member `member` (default 0) of
-    # a cluster, or stop the (single) server for `seconds` with SIGSTOP, then continue it.
+    # Executed by the test bed, which runs the job's etcd: SIGKILL member `member` (default 0;
+    # `leader`: whichever leads the raft group then) of a cluster, or stop the (single) server
+    # for `seconds` with SIGSTOP, then continue it.
     "kill-etcd-member": ("step", "member"),
     "stop-etcd": ("step", "seconds"),
     # Every machine of placement group `group` dies at `step`, as kill-machine does.
@@ -47,6 +48,8 @@ _KINDS = {
     "partition": ("step", "seconds", "machine"),
 }
 MACHINE_KINDS = ("kill-machine", "kill-root", "kill-group")
+LEADER_MEMBER = -1
+"""`member=leader` of kill-etcd-member: the member leading the raft group when the fault fires."""
 ETCD_KINDS = ("kill-etcd-member", "stop-etcd")
 CORRUPT_WHERE = ("memory", "replica", "flight", "disk")
 KNOWN_KINDS = tuple(_KINDS)
@@ -151,8 +154,9 @@ def parse_fault(text: str) -> FaultSpec:
         if "step" not in fields:
             raise FaultSpecError(f"fault {text!r} needs step=S (the step at which it fires)")
         step = _int_field(text, "step", fields["step"], 1)
-        # `machine` carries the etcd member's index.
-        member = _int_field(text, "member", fields["member"], 0) if "member" in fields else 0
+        # `machine` carries the etcd member's index (LEADER_MEMBER: chosen when it fires).
+        named = fields.get("member", "0")
+        member = LEADER_MEMBER if named == "leader" else _int_field(text, "member", named, 0)
         seconds = _int_field(text, "seconds", fields["seconds"], 1) if "seconds" in fields else 3
         return FaultSpec(kind, step, None, member, FaultPoint.AFTER_COMMIT, text.strip(), seconds)
     return _build_rank_fault(kind, text, fields)

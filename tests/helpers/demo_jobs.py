@@ -22,10 +22,11 @@ def run_demo_job(
     Its final state lands in `run_dir/final`; `spec` sets or overrides `LocalSpec` fields (the
     persistent tier every 4 steps and a 2 s lease are the defaults). Fails the test, with the
     agents' logs, unless the job succeeds. `script=` runs another script taking the same
-    arguments (the FSDP2 example).
+    arguments (the FSDP2 example); `extra_args=` appends to them.
     """
     script = Path(str(spec.pop("script", SCRIPT)))
-    return run_script_job(run_dir, script, model_args(run_dir, model), faults, **spec)
+    args = model_args(run_dir, model) + tuple(spec.pop("extra_args", ()))  # type: ignore[call-overload]
+    return run_script_job(run_dir, script, args, faults, **spec)
 
 
 def model_args(run_dir: Path, model: tuple[int, int, int]) -> tuple[str, ...]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import shutil
 import time
 
-import grpc
 import pytest
-from pyetcd import etcdrpc
 
 from gemini_ckpt.config import EtcdClientConfig
 from gemini_ckpt.coordination.control_kv import Compare, Put
 from gemini_ckpt.coordination.election import Election, fenced_txn
-from gemini_ckpt.coordination.etcd_kv import EtcdKV
+from gemini_ckpt.coordination.etcd_kv import EtcdKV, raft_leader
 from gemini_ckpt.coordination.etcd_server import EtcdServer, EtcdServerConfig
 from gemini_ckpt.coordination.lease import LeaseKeeper
 from gemini_ckpt.coordination.watch import EventQueue
@@ -24,19 +22,10 @@ pytestmark = [
 ]
 
 
-def _raft_leader(endpoints: tuple[str, ...]) -> int:
-    """Index of the member that leads the raft group (asked directly, for the test's sake)."""
-    for i, endpoint in enumerate(endpoints):
-        with grpc.insecure_channel(endpoint) as channel:
-            status = etcdrpc.MaintenanceStub(channel).Status(etcdrpc.StatusRequest(), timeout=2)
-            if status.leader == status.header.member_id:
-                return i
-    raise AssertionError("no member says it leads")
-
-
 def test_killing_the_leader_member_stops_nothing():
     with EtcdServer(EtcdServerConfig(members=3)) as cluster:
-        leader = _raft_leader(cluster.endpoints)
+        leader = raft_leader(cluster.endpoints)
+        assert leader is not None, "no member says it leads"
         # The client starts on the raft leader, so its death costs both a new raft election and
         # a client failover.
         others = [e for i, e in enumerate(cluster.endpoints) if i != leader]

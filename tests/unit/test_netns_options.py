@@ -1,11 +1,14 @@
-"""Shaped test bed options: link rates and which options go together (no namespaces created)."""
+"""Test bed options: link rates and which options go together (no namespaces created)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from gemini_ckpt.errors import ConfigError
 from gemini_ckpt.testbed import netns
+from gemini_ckpt.testbed.spec import LocalSpec
 
 
 @pytest.mark.parametrize(
@@ -56,3 +59,25 @@ def test_each_machine_gets_its_own_address_and_namespace_on_the_jobs_subnet():
     assert net.exec_prefix(2) == ["ip", "netns", "exec", "gck77-m2"]
     assert net.switch == "gck77-sw"
     assert net.env() == {"GLOO_SOCKET_IFNAME": "veth0"}
+
+
+def test_a_member_ttl_an_etcd_election_would_outlast_is_refused():
+    script = Path(__file__)
+    with pytest.raises(ConfigError, match=r"--member-ttl 2 s is too short .* use --member-ttl 4"):
+        LocalSpec(2, 1, script, etcd_members=3, member_ttl_s=2)
+    LocalSpec(2, 1, script, etcd_members=3, member_ttl_s=4)
+    LocalSpec(2, 1, script, member_ttl_s=2)  # one member: no elections
+    LocalSpec(2, 1, script, etcd="127.0.0.1:2379", member_ttl_s=2)  # its timings are not ours
+
+
+@pytest.mark.parametrize(
+    ("fault", "options", "message"),
+    [
+        ("kill-etcd-member@step=2,member=3", {"etcd_members": 3}, "names etcd member 3; .* runs 3"),
+        ("stop-etcd@step=2", {"etcd": "127.0.0.1:2379"}, "needs the test bed's own etcd"),
+    ],
+)
+def test_an_etcd_fault_the_test_bed_cannot_execute_is_refused(fault, options, message):
+    with pytest.raises(ConfigError, match=message):
+        LocalSpec(2, 1, Path(__file__), faults=(fault,), member_ttl_s=5, **options)
+    LocalSpec(2, 1, Path(__file__), faults=("kill-etcd-member@step=2,member=leader",))

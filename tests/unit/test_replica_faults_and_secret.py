@@ -3,6 +3,8 @@ fallback through etcd gives every agent the same secret."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,20 @@ def test_memory_corruption_flips_one_byte_of_the_named_chunk_once(tmp_path):
     faults.after_commit(1, 3, pid=None, store=store)  # fired once: nothing more changes
     assert store.data_path(1, 0).read_bytes() == after
     store.close()
+
+
+def test_a_kill_whose_step_was_skipped_fires_at_the_next_commit(tmp_path):
+    faults = injector("kill-worker@step=3,rank=1")
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        assert faults.after_commit(1, 2, victim.pid, store=None) is False
+        assert faults.after_commit(0, 4, victim.pid, store=None) is False  # another rank
+        assert faults.after_commit(1, 4, victim.pid, store=None) is True  # step 3 was skipped
+        assert victim.wait(5) == -signal.SIGKILL
+        assert faults.after_commit(1, 5, victim.pid, store=None) is False  # once per job
+    finally:
+        victim.kill()
+        victim.wait()
 
 
 def test_flight_and_replica_faults_are_taken_by_their_own_paths(tmp_path):

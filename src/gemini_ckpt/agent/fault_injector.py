@@ -83,12 +83,27 @@ class FaultInjector:
     def after_commit(self, rank: int, step: int, pid: int | None, store: LocalStore) -> bool:
         """Kill `rank` if a fault is due now that it committed `step`; True if it was killed.
 
-        A `corrupt-chunk` fault on this copy (where=memory) damages it in `store` instead.
+        The first commit at or after the fault's step fires it: a save skipped while etcd could
+        not vouch for it (during a leader election, say) must not make the fault vanish. A
+        `corrupt-chunk` fault on this copy (where=memory) damages it in `store` instead.
         """
         corrupt = self._take(rank, step, FaultPoint.AFTER_COMMIT, "memory")
         if corrupt is not None:
             self._corrupt_slot(corrupt, store, step)
-        return self._fire(self._take(rank, step, FaultPoint.AFTER_COMMIT), pid)
+        with self._lock:
+            due = min(
+                (
+                    f.step
+                    for f in self._pending
+                    if (f.rank, f.point) == (rank, FaultPoint.AFTER_COMMIT)
+                    and f.kind != "corrupt-chunk"
+                    and f.step <= step
+                ),
+                default=None,
+            )
+        if due is None:
+            return False
+        return self._fire(self._take(rank, due, FaultPoint.AFTER_COMMIT), pid, step)
 
     def corrupt_in_flight(self, rank: int, step: int) -> int | None:
         """The chunk of `rank`'s `step` to damage on its way to a peer (where=flight), if any.
@@ -172,9 +187,9 @@ class FaultInjector:
             point = FaultPoint(name)
         except ValueError:
             return False
-        return self._fire(self._take(rank, step, point), pid)
+        return self._fire(self._take(rank, step, point), pid, step)
 
-    def _fire(self, fault: ResolvedFault | None, pid: int | None) -> bool:
+    def _fire(self, fault: ResolvedFault | None, pid: int | None, step: int) -> bool:
         if fault is None or pid is None:
             return False
         sig = signal.SIGSTOP if fault.kind == "hang" else signal.SIGKILL
@@ -185,7 +200,7 @@ class FaultInjector:
             events.FAULT_INJECTED,
             fault=fault.name,
             rank=fault.rank,
-            step=fault.step,
+            step=step,
             point=fault.point.value,
             pid=pid,
             signal=sig.name,

@@ -20,6 +20,7 @@ Processes: create the client in the process that uses it. A child started with f
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from typing import Any

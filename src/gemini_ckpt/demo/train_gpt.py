@@ -34,6 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument(
+        "--min-step-time",
+        type=float,
+        default=0.0,
+        help="seconds: sleep so that each iteration takes at least this long, a stand-in for a "
+        "larger model's compute (the state and the results do not change)",
+    )
+    p.add_argument(
         "--final-state",
         type=Path,
         default=None,
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         optimizer.step()
         scheduler.step()
+        time.sleep(max(0.0, args.min_step_time - (time.monotonic() - began)))
         ckpt.save(step + 1, metrics={"loss": loss.item()})
         print(
             f"step {step + 1} loss {loss.item():.4f} {(time.monotonic() - began) * 1000:.0f} ms",

@@ -1,7 +1,8 @@
 """Faults on the job's etcd, executed by the test bed that runs it.
 
 Watches machine 0's progress events and, when the job reaches a fault's step, SIGKILLs an etcd
-member (`kill-etcd-member`) or stops the server with SIGSTOP for a few seconds (`stop-etcd`).
+member (`kill-etcd-member`; with `member=leader`, the one that leads the raft group then) or
+stops the server with SIGSTOP for a few seconds (`stop-etcd`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import threading
 import time
 from pathlib import Path
 
+from gemini_ckpt.coordination.etcd_kv import raft_leader
 from gemini_ckpt.coordination.etcd_server import EtcdServer
-from gemini_ckpt.faults import ResolvedFault
+from gemini_ckpt.faults import LEADER_MEMBER, ResolvedFault
 from gemini_ckpt.observability import events
 from gemini_ckpt.observability.events import EventLog, parse_events
 
@@ -71,6 +73,11 @@ class EtcdFaults:
 
     def _fire(self, fault: ResolvedFault) -> None:
         member = fault.machine or 0
+        if member == LEADER_MEMBER:
+            leader = raft_leader(self._server.endpoints)
+            if leader is None:
+                log.warning("fault %s: no etcd member leads; killing member 0", fault.name)
+            member = leader or 0
         self._events.emit(
             events.FAULT_INJECTED,
             fault=fault.name,

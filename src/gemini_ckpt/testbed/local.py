@@ -32,7 +32,7 @@ from gemini_ckpt.testbed import netns
 from gemini_ckpt.testbed.etcd_faults import EtcdFaults
 from gemini_ckpt.testbed.event_tail import EventTail
 from gemini_ckpt.testbed.operator import LocalProcessOperator
-from gemini_ckpt.testbed.spec import LocalSpec
+from gemini_ckpt.testbed.spec import ETCD_ELECTION_MS, ETCD_HEARTBEAT_MS, LocalSpec
 
 __all__ = ["LocalSpec", "LocalTestbed"]
 from gemini_ckpt.testbed.standby_pool import StandbyPool
@@ -144,12 +144,13 @@ class LocalTestbed:
         etcd = self.spec.etcd
         if not etcd:
             # The job's own etcd, as a real cluster would have one; gone with the job.
-            # etcd's default timings: on a few busy cores, shorter election timeouts make the
-            # leader flap while trainers start, and requests time out.
             host = self._network.host_address if self._network else "127.0.0.1"
             self._etcd = EtcdServer(
                 EtcdServerConfig(
-                    host, members=self.spec.etcd_members, heartbeat_ms=100, election_ms=1000
+                    host,
+                    members=self.spec.etcd_members,
+                    heartbeat_ms=ETCD_HEARTBEAT_MS,
+                    election_ms=ETCD_ELECTION_MS,
                 )
             ).start()
             etcd = ",".join(self._etcd.endpoints)

@@ -6,8 +6,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemini_ckpt.errors import ConfigError
-from gemini_ckpt.faults import parse_fault, resolve_faults
+from gemini_ckpt.faults import ETCD_KINDS, parse_fault, resolve_faults
 from gemini_ckpt.testbed import netns
+
+# The private etcd's timings: etcd's defaults. On a few busy cores, shorter election timeouts make
+# the leader flap while trainers start, and requests time out.
+ETCD_HEARTBEAT_MS = 100
+ETCD_ELECTION_MS = 1000
+# After its leader dies, a cluster answers nothing for up to two election timeouts (the randomized
+# wait) plus a vote; a lease refreshed every TTL/3 must outlive that from its last refresh.
+_TTL_PER_ELECTION = 4
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,30 @@ class LocalSpec:
             raise ConfigError(f"training script {self.script} does not exist")
         if self.standby < 0:
             raise ConfigError(f"--standby must be >= 0, got {self.standby}")
+        shortest_ttl_s = _TTL_PER_ELECTION * ETCD_ELECTION_MS / 1000
+        if self.etcd_members > 1 and not self.etcd and self.member_ttl_s < shortest_ttl_s:
+            raise ConfigError(
+                f"--member-ttl {self.member_ttl_s} s is too short for a {self.etcd_members}-member "
+                f"etcd: after losing its leader it answers nothing for up to "
+                f"{2 * ETCD_ELECTION_MS / 1000:g} s, and every membership lease would expire; "
+                f"use --member-ttl {shortest_ttl_s:g} or more"
+            )
         netns.check_testbed_options(
             self.netns, self.machines, self.link_bandwidth, self.standby, self.etcd
         )
         # Surface a bad --fault before anything starts.
-        resolve_faults(
+        faults = resolve_faults(
             [parse_fault(f) for f in self.faults],
             self.machines,
             self.nproc_per_machine,
             self.fault_seed,
             self.replicas,
         )
+        for fault in (f for f in faults if f.kind in ETCD_KINDS):
+            if self.etcd:
+                raise ConfigError(f"fault {fault.name!r} needs the test bed's own etcd, not --etcd")
+            if (fault.machine or 0) >= self.etcd_members:
+                raise ConfigError(
+                    f"fault {fault.name!r} names etcd member {fault.machine}; the test bed runs "
+                    f"{self.etcd_members} (--etcd-members)"
+                )
