@@ -1,8 +1,9 @@
 """Does checkpoint traffic cost training throughput? The paper's Figs 7, 8 and 16 on the test bed.
 
 Runs the emulated-accelerator workload (`gemini_ckpt.demo.emulated`: a Table 2 model's real gloo
-collectives, compute as sleep) on N machines x 1 rank, each in its own network namespace behind a
-rate-capped link (`--netns --link-bandwidth`), once per mode:
+collectives, compute as sleep) or, with `--workload deepspeed`, the demo GPT under real DeepSpeed
+ZeRO-3 (`examples/deepspeed_gpt`, real compute on the CPU) on N machines x 1 rank, each in its
+own network namespace behind a rate-capped link (`--netns --link-bandwidth`), once per mode:
 
     none        no Checkpointer at all (the baseline)
     local       save every iteration into local memory only (--replicas 1): what the snapshot
@@ -15,11 +16,13 @@ rate-capped link (`--netns --link-bandwidth`), once per mode:
 Per mode: the median and min iteration time over the measured iterations (after warm-up and the
 profiling iterations) and its ratio to `none` (per repeat, then min and median over repeats); the
 network's idle time per iteration, from the collectives' issue and completion times the trainer
-records (training traffic only); the checkpoint time per iteration, from the agents' `replicated`
-events (measured, not computed); and, from the same events, which measured steps every peer
-holds, per rank, counted, not assumed.
+records (training traffic only; DeepSpeed runs report the idle time of the profile the agents
+scheduled with instead); the checkpoint time per iteration, from the agents' `replicated` events
+(measured, not computed); and, from the same events, which measured steps every peer holds, per
+rank, counted, not assumed.
 
     python benchmarks/bench_interleave.py --repeats 3 --out bench-results/interleave
+    python benchmarks/bench_interleave.py --workload deepspeed --modes none,local,naive,interleave
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from gemini_ckpt.config import parse_rate
+from gemini_ckpt.config import parse_rate, use_torch_extensions_dir
 from gemini_ckpt.demo import emulated
 from gemini_ckpt.observability import events as ev
 from gemini_ckpt.observability.events import read_events
 from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
 
 SCRIPT = Path(emulated.__file__)
+DEEPSPEED_SCRIPT = Path(__file__).parents[1] / "examples" / "deepspeed_gpt" / "train.py"
+SHM = Path("/dev/shm")
 MODES = {
     "none": ("none", ()),
     "local": ("gemini", ("--replicas", "1")),
@@ -55,16 +60,22 @@ MODES = {
 def job_spec(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> LocalSpec:
     """The test-bed job of one run."""
     checkpoint, interleave = MODES[mode]
-    script_args = ["--model", model, "--parallel", args.parallel, "--checkpoint", checkpoint]
-    script_args += ["--steps", str(args.warmup + args.profile_iterations + args.iterations)]
-    script_args += ["--timings", str(run_dir / "timings")]
-    scale = args.scale or target_scale(model, args)
-    if scale:
-        script_args += ["--scale", str(scale)]
-    if args.layers:
-        script_args += ["--layers", str(args.layers)]
-    if args.compute_ms:
-        script_args += ["--compute-ms", str(args.compute_ms)]
+    steps = ["--steps", str(args.warmup + args.profile_iterations + args.iterations)]
+    steps += ["--timings", str(run_dir / "timings")]
+    if args.workload == "deepspeed":
+        script = DEEPSPEED_SCRIPT
+        script_args = [*deepspeed_args(args), "--checkpoint", checkpoint, *steps]
+    else:
+        script = SCRIPT
+        script_args = ["--model", model, "--parallel", args.parallel, "--checkpoint", checkpoint]
+        script_args += steps
+        scale = args.scale or target_scale(model, args)
+        if scale:
+            script_args += ["--scale", str(scale)]
+        if args.layers:
+            script_args += ["--layers", str(args.layers)]
+        if args.compute_ms:
+            script_args += ["--compute-ms", str(args.compute_ms)]
     agent_args: tuple[str, ...] = interleave
     if "--interleave" in interleave:
         agent_args += ("--profile-iterations", str(args.profile_iterations))
@@ -77,7 +88,7 @@ def job_spec(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
     return LocalSpec(
         machines=args.machines,
         nproc_per_machine=1,
-        script=SCRIPT,
+        script=script,
         script_args=tuple(script_args),
         run_dir=run_dir,
         max_restarts=0,
@@ -87,6 +98,31 @@ def job_spec(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
         # Chunks are the smallest unit a paced push sends: small enough for the idle gaps.
         env={"GEMINI_CHUNK_SIZE": args.chunk_size},
     )
+
+
+def deepspeed_args(args: argparse.Namespace) -> list[str]:
+    """The DeepSpeed example's model options (ZeRO-3, torch AdamW)."""
+    shape = ["--zero-stage", "3", "--d-model", str(args.d_model), "--layers", str(args.layers or 4)]
+    return [*shape, "--batch", str(args.batch), "--seq", str(args.seq)]
+
+
+def deepspeed_workload(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> dict:
+    """The DeepSpeed model's size, and the bytes each rank pushed per step (its partition)."""
+    from gemini_ckpt.demo.data import VOCAB
+    from gemini_ckpt.demo.model import GPTConfig, TinyGPT
+
+    layers = args.layers or 4
+    config = GPTConfig(len(VOCAB), args.seq, args.d_model, layers, max(1, args.d_model // 32))
+    pushed = [
+        r["replication"]["bytes_per_push"] for rs in runs.values() for r in rs if "replication" in r
+    ]
+    return {
+        "zero_stage": 3,
+        "d_model": args.d_model,
+        "layers": layers,
+        "parameters": sum(p.numel() for p in TinyGPT(config).parameters()),
+        "checkpoint_bytes_per_rank": statistics.median(pushed) if pushed else None,
+    }
 
 
 def target_scale(model: str, args: argparse.Namespace) -> int:
@@ -148,7 +184,11 @@ def run_once(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
     by_step = iteration_records(run_dir, args.machines, first)
     steps = sorted(by_step)
     durations = [max(r["duration"] for r in by_step[s]) for s in steps]
-    idle = [statistics.fmean(r["idle_s"] for r in by_step[s]) for s in steps]
+    idle = [
+        statistics.fmean(r["idle_s"] for r in by_step[s])
+        for s in steps
+        if all("idle_s" in r for r in by_step[s])
+    ]
     out: dict[str, Any] = {
         "load_average_before": load,
         "steps": steps,
@@ -160,6 +200,8 @@ def run_once(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
         out["replication"] = replication(records, steps)
         if "--interleave" in MODES[mode][1]:
             out["profile"] = profile_stability(records)
+            if not idle:  # the trainer did not record its collectives: the profile's idle time
+                out["idle_s"] = {"median": out["profile"]["idle_s"], "source": "profile"}
     return out
 
 
@@ -199,8 +241,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "iteration_s_median": statistics.median(r["iteration_s"]["median"] for r in repeats),
             "iteration_s_min": min(r["iteration_s"]["min"] for r in repeats),
             "ratio_to_none": {"min": min(ratios), "median": statistics.median(ratios)},
-            "idle_s_median": statistics.median(r["idle_s"]["median"] for r in repeats),
         }
+        idle = [r["idle_s"]["median"] for r in repeats if r["idle_s"]]
+        entry["idle_s_median"] = statistics.median(idle) if idle else None
         profiles = [r["profile"] for r in repeats if "profile" in r]
         if profiles:
             entry["profile_spread_median"] = statistics.median(
@@ -230,7 +273,7 @@ def figures(report: dict[str, Any], out: Path) -> list[str]:
         left.bar(modes, [summary[m]["iteration_s_median"] for m in modes], color="tab:blue")
         left.set_ylabel("iteration time, median (s)")
         left.set_title(f"{model}: iteration time by mode")
-        idle = [summary[m]["idle_s_median"] for m in modes]
+        idle = [summary[m]["idle_s_median"] or 0.0 for m in modes]
         ckpt = [summary[m].get("checkpoint_s_median") or 0.0 for m in modes]
         xs = range(len(modes))
         right.bar([x - 0.2 for x in xs], idle, width=0.4, label="network idle (training)")
@@ -256,11 +299,12 @@ def table(report: dict[str, Any]) -> list[str]:
     ]
     for model, summary in report["summary"].items():
         for mode, s in summary.items():
-            ckpt = s.get("checkpoint_s_median")
+            ckpt, idle = s.get("checkpoint_s_median"), s["idle_s_median"]
             lines.append(
                 f"| {model} | {mode} | {s['iteration_s_median']:.3f} ({s['iteration_s_min']:.3f})"
                 f" | {s['ratio_to_none']['median']:.3f} ({s['ratio_to_none']['min']:.3f})"
-                f" | {s['idle_s_median']:.3f} | {'-' if ckpt is None else f'{ckpt:.3f}'}"
+                f" | {'-' if idle is None else f'{idle:.3f}'}"
+                f" | {'-' if ckpt is None else f'{ckpt:.3f}'}"
                 f" | {s.get('every_step_replicated', '-')} |"
             )
     return lines
@@ -271,7 +315,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--models", default="gpt2-10b,gpt2-20b")
+    p.add_argument("--workload", choices=("emulated", "deepspeed"), default="emulated")
+    p.add_argument("--models", default="gpt2-10b,gpt2-20b", help="emulated: Table 2 models")
+    p.add_argument("--d-model", type=int, default=256, help="deepspeed: the demo GPT's width")
+    p.add_argument("--batch", type=int, default=8, help="deepspeed: micro-batch per rank")
+    p.add_argument("--seq", type=int, default=64, help="deepspeed: sequence length")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--parallel", default="zero3", choices=["zero3", "dp"])
     p.add_argument("--repeats", type=int, default=3)
@@ -285,7 +333,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--profile-iterations", type=int, default=20)
     p.add_argument("--scale", type=int, default=0, help="0: the model's default")
-    p.add_argument("--layers", type=int, default=0, help="transformer layers kept (0: all)")
+    p.add_argument(
+        "--layers", type=int, default=0, help="transformer layers kept (0: all; deepspeed: 4)"
+    )
     p.add_argument(
         "--target-params",
         type=float,
@@ -317,12 +367,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     modes = args.modes.split(",")
     if "none" not in modes or set(modes) - set(MODES):
         p.error(f"--modes must include none and come from {', '.join(MODES)}")
+    if args.workload == "deepspeed":
+        if "blocking" in modes:
+            p.error("--workload deepspeed has no blocking mode (the example does not wait)")
+        args.models = f"zero3-d{args.d_model}-l{args.layers or 4}"
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, write results.json and the figures, print a table; return the report."""
     args = parse_args(argv)
+    if args.workload == "deepspeed":
+        use_torch_extensions_dir()  # the trainers inherit it: DeepSpeed's ops compile once
+    shm_before = set(SHM.glob("deepspeed_*"))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gemini-bench-interleave-"))
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for model in args.models.split(","):
@@ -331,12 +388,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for mode in runs[model]:
                 run = run_once(model, mode, args, work / f"{model}-{mode}-{repeat}")
                 runs[model][mode].append(run)
+                idle = run["idle_s"].get("median")
                 print(
                     f"{model} {mode} #{repeat}: iteration {run['iteration_s']['median']:.3f} s,"
-                    f" idle {run['idle_s']['median']:.3f} s",
+                    f" idle {'-' if idle is None else f'{idle:.3f}'} s",
                     flush=True,
                 )
-    plan = {m: emulated.make_plan(_trainer_args(args, m), args.machines) for m in runs}
+    for path in (
+        set(SHM.glob("deepspeed_*")) - shm_before
+    ):  # DeepSpeed's CPU all-reduce leaves these
+        path.unlink(missing_ok=True)
     report: dict[str, Any] = {
         "benchmark": "interleave",
         "machine": {
@@ -346,14 +407,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
         "workload": {
-            m: {
-                "parameters": p.parameters(),
-                "scale": p.scale,
-                "checkpoint_bytes_per_rank": p.checkpoint_bytes(),
-                "training_bytes_sent_per_rank": p.wire_bytes(),
-                "compute_s": p.compute_seconds(),
-            }
-            for m, p in plan.items()
+            m: deepspeed_workload(args, by_mode)
+            if args.workload == "deepspeed"
+            else emulated_workload(args, m)
+            for m, by_mode in runs.items()
         },
         "runs": runs,
         "summary": {model: summarize(by_mode) for model, by_mode in runs.items()},
@@ -365,6 +422,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for line in table(report):
         print(line)
     return report
+
+
+def emulated_workload(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """The emulated model's size, traffic and compute per rank."""
+    plan = emulated.make_plan(_trainer_args(args, model), args.machines)
+    return {
+        "parameters": plan.parameters(),
+        "scale": plan.scale,
+        "checkpoint_bytes_per_rank": plan.checkpoint_bytes(),
+        "training_bytes_sent_per_rank": plan.wire_bytes(),
+        "compute_s": plan.compute_seconds(),
+    }
 
 
 def _trainer_args(

@@ -6,7 +6,9 @@
 Deterministic: two runs with the same arguments end bit-identical, failures or not.
 `--final-state DIR` writes each rank's final state there for such comparisons;
 `--load-deepspeed DIR` starts from a checkpoint in DeepSpeed's own layout (one written by
-`gemini-ckpt export --format deepspeed`) through `engine.load_checkpoint`.
+`gemini-ckpt export --format deepspeed`) through `engine.load_checkpoint`. `--checkpoint none`
+trains without Gemini (the baseline of `benchmarks/bench_interleave.py --workload deepspeed`);
+`--timings DIR` writes each iteration's start and end to `DIR/rank<r>.jsonl`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from gemini_ckpt.integrations.deepspeed import DeepSpeedCheckpointer
 from gemini_ckpt.integrations.deepspeed.layout import load_exported_extras
 from gemini_ckpt.demo import final_state
 from gemini_ckpt.demo.data import VOCAB, ArithmeticStream
+from gemini_ckpt.demo.emulated import TimingLog
 from gemini_ckpt.demo.model import GPTConfig, TinyGPT
 from gemini_ckpt.snapshot.tree import flatten
 
@@ -44,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--final-state", type=Path, default=None)
     p.add_argument("--load-deepspeed", type=Path, default=None)
+    p.add_argument("--checkpoint", choices=("gemini", "none"), default="gemini")
+    p.add_argument("--timings", type=Path, default=None, help="directory for rank<r>.jsonl")
     return p.parse_args()
 
 
@@ -94,25 +99,29 @@ def main() -> None:
     random.seed(args.seed + 1 + rank)
     np.random.seed(args.seed + 1 + rank)
 
-    ckpt = DeepSpeedCheckpointer(engine, extra_state=data)
-    start = ckpt.restore()
-    source = ckpt.restore_info.source if ckpt.restore_info else "?"
+    ckpt = DeepSpeedCheckpointer(engine, extra_state=data) if args.checkpoint == "gemini" else None
+    start = ckpt.restore() if ckpt is not None else 0
+    source = ckpt.restore_info.source if ckpt is not None and ckpt.restore_info else "?"
     if start == 0 and args.load_deepspeed is not None:
         _, client_state = engine.load_checkpoint(str(args.load_deepspeed))
         load_exported_extras(client_state, data, engine)
         start, source = engine.global_steps, f"DeepSpeed checkpoint {args.load_deepspeed}"
     print(f"rank {rank}/{world} pid {os.getpid()}: starting at step {start} ({source})", flush=True)
+    timings = TimingLog(args.timings, rank)
     for step in range(start, args.steps):
         began = time.monotonic()
         tokens, targets = data.next_batch()
         loss = engine(tokens, targets)
         engine.backward(loss)
         engine.step()
-        ckpt.save(step + 1, metrics={"loss": loss.item()})
-        ms = (time.monotonic() - began) * 1000
-        print(f"step {step + 1} loss {loss.item():.4f} {ms:.0f} ms", flush=True)
-    ckpt.close()
-    if args.final_state is not None:
+        if ckpt is not None:
+            ckpt.save(step + 1, metrics={"loss": loss.item()})
+        ended = time.monotonic()
+        timings.write(step + 1, began, ended)
+        print(f"step {step + 1} loss {loss.item():.4f} {(ended - began) * 1000:.0f} ms", flush=True)
+    if ckpt is not None:
+        ckpt.close()
+    if args.final_state is not None and ckpt is not None:
         # Everything a restore loads, plus (stages 1-2) the module's weights derived from it.
         flat = flatten(ckpt.state.tree())
         module = engine.module.state_dict() if args.zero_stage < 3 else None

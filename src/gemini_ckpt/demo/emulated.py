@@ -130,13 +130,14 @@ class TimingLog:
         if self._path is not None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(self, step: int, start: float, end: float, collectives: list[list[Any]]) -> None:
-        """One iteration: monotonic start/end, idle network time, collectives relative to start."""
+    def write(
+        self, step: int, start: float, end: float, collectives: list[list[Any]] | None = None
+    ) -> None:
+        """One iteration: monotonic start/end and, if its `collectives` were recorded, the idle
+        network time and the collectives relative to start."""
         if self._path is None:
             return
-        busy = [(c[1] - start, (c[2] if c[2] is not None else end) - start) for c in collectives]
-        profile = idle_spans(busy, end - start)
-        record = {
+        record: dict[str, Any] = {
             "rank": self._rank,
             "pid": os.getpid(),
             "step": step,
@@ -144,13 +145,18 @@ class TimingLog:
             "end": end,
             "duration": end - start,
             "wall_end": time.time(),
-            "busy_s": (end - start) - profile.idle_seconds,
-            "idle_s": profile.idle_seconds,
-            "collectives": [
+        }
+        if collectives is not None:
+            busy = [
+                (c[1] - start, (c[2] if c[2] is not None else end) - start) for c in collectives
+            ]
+            profile = idle_spans(busy, end - start)
+            record["busy_s"] = (end - start) - profile.idle_seconds
+            record["idle_s"] = profile.idle_seconds
+            record["collectives"] = [
                 [c[0], round(a, 6), round(b, 6)]
                 for c, (a, b) in zip(collectives, busy, strict=True)
-            ],
-        }
+            ]
         with self._path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, separators=(",", ":")) + "\n")
 
