@@ -147,8 +147,8 @@ def iteration_records(run_dir: Path, machines: int, first: int) -> dict[int, lis
 def replication(records: list[dict[str, Any]], steps: list[int]) -> dict[str, Any]:
     """From the agents' events: checkpoint seconds per push, and the measured steps each peer holds.
 
-    A peer holds a step of a rank if it verified and committed a push of that step or of a newer
-    one (a newer step supersedes it; the agent skips a step the trainer overwrote first).
+    A peer holds a step of a rank if it verified and committed a push of that very step (the
+    agent skips a step the trainer overwrote before it was sent: such a step counts as missing).
     """
     pushes = [e for e in records if e["event"] == ev.REPLICATED and int(e["step"]) in set(steps)]
     per_pair: dict[str, set[int]] = {}
