@@ -164,8 +164,10 @@ def replication(records: list[dict[str, Any]], steps: list[int]) -> dict[str, An
         "missing_per_pair": {
             pair: sorted(set(steps) - got) for pair, got in sorted(per_pair.items())
         },
-        "every_step_replicated": bool(per_pair)
-        and all(set(steps) <= got for got in per_pair.values()),
+        # None without peers (local): nothing to count
+        "every_step_replicated": all(set(steps) <= got for got in per_pair.values())
+        if per_pair
+        else None,
         "checkpoint_s": _stats(seconds),
         "push_wall_s": _stats(wall),
         "bytes_per_push": statistics.median(int(e["nbytes"]) for e in pushes) if pushes else 0,
@@ -223,6 +225,10 @@ def profile_stability(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
 def _stats(samples: list[float]) -> dict[str, float]:
     if not samples:
         return {}
@@ -254,7 +260,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         if reps:
             ckpt = [r["checkpoint_s"]["median"] for r in reps if r["checkpoint_s"]]
             entry["checkpoint_s_median"] = statistics.median(ckpt) if ckpt else None
-            entry["every_step_replicated"] = all(r["every_step_replicated"] for r in reps)
+            counted = [r["every_step_replicated"] for r in reps]
+            entry["every_step_replicated"] = None if None in counted else all(counted)
         out[mode] = entry
     return out
 
@@ -273,7 +280,8 @@ def figures(report: dict[str, Any], out: Path) -> list[str]:
         left.bar(modes, [summary[m]["iteration_s_median"] for m in modes], color="tab:blue")
         left.set_ylabel("iteration time, median (s)")
         left.set_title(f"{model}: iteration time by mode")
-        idle = [summary[m]["idle_s_median"] or 0.0 for m in modes]
+        # not measured (DeepSpeed without a profile): no bar rather than a zero
+        idle = [summary[m]["idle_s_median"] or float("nan") for m in modes]
         ckpt = [summary[m].get("checkpoint_s_median") or 0.0 for m in modes]
         xs = range(len(modes))
         right.bar([x - 0.2 for x in xs], idle, width=0.4, label="network idle (training)")
@@ -305,7 +313,7 @@ def table(report: dict[str, Any]) -> list[str]:
                 f" | {s['ratio_to_none']['median']:.3f} ({s['ratio_to_none']['min']:.3f})"
                 f" | {'-' if idle is None else f'{idle:.3f}'}"
                 f" | {'-' if ckpt is None else f'{ckpt:.3f}'}"
-                f" | {s.get('every_step_replicated', '-')} |"
+                f" | {_or_dash(s.get('every_step_replicated'))} |"
             )
     return lines
 

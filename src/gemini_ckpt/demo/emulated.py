@@ -133,8 +133,11 @@ class TimingLog:
     def write(
         self, step: int, start: float, end: float, collectives: list[list[Any]] | None = None
     ) -> None:
-        """One iteration: monotonic start/end and, if its `collectives` were recorded, the idle
-        network time and the collectives relative to start."""
+        """One iteration: monotonic start and end.
+
+        With its `collectives` (recorded by the emulated workload), also the idle network time
+        and each collective's times relative to the start.
+        """
         if self._path is None:
             return
         record: dict[str, Any] = {
