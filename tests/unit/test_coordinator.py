@@ -57,13 +57,32 @@ def test_plan_and_inventories():
 def test_step_completes_when_every_machine_reports_and_old_keys_go():
     kv, a, b = pair()
     for step in (1, 2, 3, 4):
-        a.report_committed(0, step)
+        a.report_committed(0, step, machine=0)
         with pytest.raises(CoordinationError):
             a.wait_complete(0, step, 0.005, lambda: None)
-        b.report_committed(0, step)
+        b.report_committed(0, step, machine=1)
         a.wait_complete(0, step, 0.1, lambda: None)
-    remaining = sorted(k for k in kv._data if "/complete/" in k or "/committed/" in k)
-    assert remaining == ["gemini/job/gen0/complete/3", "gemini/job/gen0/complete/4"]
+    remaining = sorted(k[len("gemini/job/gen0/") :] for k in kv._data if "/gen0/" in k)
+    assert remaining == [
+        "committed/3/m0",
+        "committed/3/m1",
+        "committed/4/m0",
+        "committed/4/m1",
+        "complete/3",
+        "complete/4",
+    ]
+
+
+def test_a_report_sent_twice_counts_its_machine_once():
+    # etcd failed mid-call ("may or may not have been applied") and the report was sent again:
+    # the step must still wait for the other machine.
+    _, a, b = pair()
+    a.report_committed(0, 7, machine=0)
+    a.report_committed(0, 7, machine=0)
+    with pytest.raises(CoordinationError):
+        a.wait_complete(0, 7, 0.005, lambda: None)
+    b.report_committed(0, 7, machine=1)
+    a.wait_complete(0, 7, 0.1, lambda: None)
 
 
 def test_waits_abort_when_the_job_moves_on():
@@ -86,9 +105,9 @@ def test_job_failure_and_done():
 
 def test_a_step_settles_as_complete_or_skipped():
     _, a, b = pair()
-    a.report_committed(0, 3)
-    b.report_committed(0, 3)
+    a.report_committed(0, 3, machine=0)
+    b.report_committed(0, 3, machine=1)
     assert a.wait_settled(0, 3, 0.1, lambda: None) == "complete"
-    a.report_committed(0, 4)
+    a.report_committed(0, 4, machine=0)
     b.report_skipped(0, 4)
     assert a.wait_settled(0, 4, 0.1, lambda: None) == "skipped"

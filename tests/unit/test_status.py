@@ -69,7 +69,7 @@ class Job:
         )
         for m in range(2):
             self.plane.report(m, {"generation": 1, "at": 202.0, "last_step": step})
-            self.coordinator.report_committed(1, step + 1)
+            self.coordinator.report_committed(1, step + 1, machine=m)
 
     def status(self) -> dict:
         return assemble(JOB, read_job(self.kv, JOB), now=300.0)

@@ -69,7 +69,7 @@ class TrainerService:
         self._generation = -1
         self._plan: RestorePlan | None = None
         self._stopping: str | None = None
-        self._steps = StepReporter(coordinator, hooks.timeline)
+        self._steps = StepReporter(coordinator, config.machine, hooks.timeline)
         self._restored_ranks: dict[int, float] = {}
         self._etcd_quiet_until = 0.0
         self._handlers: dict[str, Callable[[Request, Connection], dict[str, Any]]] = {

@@ -24,9 +24,11 @@ class StepReporter:
     def __init__(
         self,
         coordinator: JobCoordinator,
+        machine: int,
         timeline: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> None:
         self._coordinator = coordinator
+        self._machine = machine
         self._timeline = timeline
         self._pending: list[tuple[str, Callable[[], None]]] = []
         self._lock = threading.Lock()
@@ -52,7 +54,8 @@ class StepReporter:
         if kind == "skipped":
             send = lambda: self._coordinator.report_skipped(generation, step)  # noqa: E731
         else:
-            send = lambda: self._coordinator.report_committed(generation, step)  # noqa: E731
+            machine = self._machine
+            send = lambda: self._coordinator.report_committed(generation, step, machine)  # noqa: E731
         self._add(f"step {step} of generation {generation}", send)
 
     def queue_timeline(self, generation: int, fields: dict[str, Any]) -> None:

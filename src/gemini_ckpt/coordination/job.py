@@ -13,7 +13,7 @@ Keys (under `gemini/<job>/`):
                                    (written before its inventory)
     gen<g>/plan                    the restore plan of generation g (written by the leader)
     gen<g>/worker_store            where generation g's workers rendezvous
-    gen<g>/committed/<step>        how many machines have every local rank's `step` committed
+    gen<g>/committed/<step>/m<i>   machine i has every local rank's `step` committed
     gen<g>/complete/<step>         present once all machines have
     gen<g>/done/m<i>               machine i's workers all exited successfully
     failed                         why the job gave up
@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from gemini_ckpt.coordination.control_kv import ControlKV
+from gemini_ckpt.coordination.control_kv import ControlKV, Delete, Op, Put
 from gemini_ckpt.errors import CoordinationError, CoordinationUnavailableError
 
 log = logging.getLogger(__name__)
@@ -225,22 +225,34 @@ class JobCoordinator:
 
     # -- progress --------------------------------------------------------------------------------
 
-    def report_committed(self, generation: int, step: int) -> None:
-        """This machine has `step` committed for every local rank."""
+    def report_committed(self, generation: int, step: int, machine: int) -> None:
+        """Machine `machine` has `step` committed for every local rank.
+
+        Each machine writes a key of its own, so a report retried after etcd failed mid-call
+        cannot count twice; whoever then sees every machine's key marks the step complete. One
+        write per machine and step, without compare-and-swap races between machines.
+        """
         with self._reported_lock:
             if generation != self._reported_generation:
                 self._reported.clear()
                 self._reported_generation = generation
-            self._reported.append(step)
+            if not self._reported or self._reported[-1] != step:  # not when retried
+                self._reported.append(step)
             oldest = self._reported[0] if len(self._reported) == self._reported.maxlen else None
-        count = self._kv.add(self._key(f"gen{generation}/committed/{step}"), 1)
-        if count >= self.machines:
-            self._kv.set(self._key(f"gen{generation}/complete/{step}"), b"1")
-            self._kv.delete(self._key(f"gen{generation}/committed/{step}"))
-            if oldest is not None:
-                # Whoever waits on a step waits before writing the next one, so nobody can still
-                # be waiting on the step reported two before this one.
-                self._kv.delete(self._key(f"gen{generation}/complete/{oldest}"))
+        committed = self._key(f"gen{generation}/committed/")
+        # Whoever waits on a step waits before writing the next one, so nobody can still be
+        # waiting on the step reported two before this one: its keys can go.
+        mine: list[Op] = [Put(f"{committed}{step}/m{machine}", b"1")]
+        if oldest is not None:
+            mine.append(Delete(f"{committed}{oldest}/m{machine}"))
+        self._kv.txn([], mine)
+        if len(self._kv.get_prefix(f"{committed}{step}/").items) < self.machines:
+            return
+        complete = self._key(f"gen{generation}/complete/")
+        done: list[Op] = [Put(f"{complete}{step}", b"1")]
+        if oldest is not None:
+            done.append(Delete(f"{complete}{oldest}"))
+        self._kv.txn([], done)
 
     def report_skipped(self, generation: int, step: int) -> None:
         """Some rank of this machine skipped `step`: it can never be common to all ranks."""
