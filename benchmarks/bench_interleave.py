@@ -225,8 +225,8 @@ def profile_stability(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _or_dash(value: object) -> str:
-    return "-" if value is None else str(value)
+def _or_dash(value: object, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -311,8 +311,7 @@ def table(report: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {model} | {mode} | {s['iteration_s_median']:.3f} ({s['iteration_s_min']:.3f})"
                 f" | {s['ratio_to_none']['median']:.3f} ({s['ratio_to_none']['min']:.3f})"
-                f" | {'-' if idle is None else f'{idle:.3f}'}"
-                f" | {'-' if ckpt is None else f'{ckpt:.3f}'}"
+                f" | {_or_dash(idle, '.3f')} | {_or_dash(ckpt, '.3f')}"
                 f" | {_or_dash(s.get('every_step_replicated'))} |"
             )
     return lines
@@ -396,10 +395,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for mode in runs[model]:
                 run = run_once(model, mode, args, work / f"{model}-{mode}-{repeat}")
                 runs[model][mode].append(run)
-                idle = run["idle_s"].get("median")
                 print(
                     f"{model} {mode} #{repeat}: iteration {run['iteration_s']['median']:.3f} s,"
-                    f" idle {'-' if idle is None else f'{idle:.3f}'} s",
+                    f" idle {_or_dash(run['idle_s'].get('median'), '.3f')} s",
                     flush=True,
                 )
     for path in (

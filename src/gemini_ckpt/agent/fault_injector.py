@@ -68,17 +68,27 @@ class FaultInjector:
             ]
 
     def _take(
-        self, rank: int, step: int, point: FaultPoint, corrupt: str = ""
+        self, rank: int, step: int, point: FaultPoint, corrupt: str = "", *, due: bool = False
     ) -> ResolvedFault | None:
+        """Remove and claim the fault of `rank` at `step` and `point`.
+
+        With `corrupt`, a corrupt-chunk fault with that `where`; with `due`, the earliest fault
+        at or before `step` (a step that was skipped must not make its fault vanish).
+        """
         with self._lock:
-            for fault in self._pending:
-                if (fault.rank, fault.step, fault.point) != (rank, step, point):
-                    continue
-                if (fault.kind == "corrupt-chunk") != bool(corrupt) or fault.where != corrupt:
-                    continue
-                self._pending.remove(fault)
-                return fault if self._claim(fault) else None
-        return None
+            matching = [
+                fault
+                for fault in self._pending
+                if (fault.rank, fault.point) == (rank, point)
+                and (fault.step <= step if due else fault.step == step)
+                and (fault.kind == "corrupt-chunk") == bool(corrupt)
+                and fault.where == corrupt
+            ]
+            if not matching:
+                return None
+            fault = min(matching, key=lambda f: f.step)
+            self._pending.remove(fault)
+            return fault if self._claim(fault) else None
 
     def after_commit(self, rank: int, step: int, pid: int | None, store: LocalStore) -> bool:
         """Kill `rank` if a fault is due now that it committed `step`; True if it was killed.
@@ -90,20 +100,7 @@ class FaultInjector:
         corrupt = self._take(rank, step, FaultPoint.AFTER_COMMIT, "memory")
         if corrupt is not None:
             self._corrupt_slot(corrupt, store, step)
-        with self._lock:
-            due = min(
-                (
-                    f.step
-                    for f in self._pending
-                    if (f.rank, f.point) == (rank, FaultPoint.AFTER_COMMIT)
-                    and f.kind != "corrupt-chunk"
-                    and f.step <= step
-                ),
-                default=None,
-            )
-        if due is None:
-            return False
-        return self._fire(self._take(rank, due, FaultPoint.AFTER_COMMIT), pid, step)
+        return self._fire(self._take(rank, step, FaultPoint.AFTER_COMMIT, due=True), pid, step)
 
     def corrupt_in_flight(self, rank: int, step: int) -> int | None:
         """The chunk of `rank`'s `step` to damage on its way to a peer (where=flight), if any.
@@ -111,17 +108,7 @@ class FaultInjector:
         The first push at or after the fault's step takes it: a sender behind the trainer skips
         steps, and the fault must not depend on which ones.
         """
-        with self._lock:
-            due = next(
-                (
-                    f
-                    for f in self._pending
-                    if (f.kind, f.where, f.rank) == ("corrupt-chunk", "flight", rank)
-                    and f.step <= step
-                ),
-                None,
-            )
-        fault = self._take(rank, due.step, FaultPoint.AFTER_COMMIT, "flight") if due else None
+        fault = self._take(rank, step, FaultPoint.AFTER_COMMIT, "flight", due=True)
         if fault is None:
             return None
         self._announce(fault, step, "flight")
