@@ -23,18 +23,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemini_ckpt.integrations.deepspeed import DeepSpeedCheckpointer
-from gemini_ckpt.integrations.deepspeed.layout import load_exported_extras
 from gemini_ckpt.demo import final_state
 from gemini_ckpt.demo.data import VOCAB, ArithmeticStream
 from gemini_ckpt.demo.emulated import TimingLog
 from gemini_ckpt.demo.model import GPTConfig, TinyGPT
+from gemini_ckpt.integrations.deepspeed import DeepSpeedCheckpointer
+from gemini_ckpt.integrations.deepspeed.layout import load_exported_extras
 from gemini_ckpt.snapshot.tree import flatten
 
+# isort: split
 import deepspeed  # after gemini_ckpt.integrations.deepspeed, which sets the op cache directory
 
 
 def parse_args() -> argparse.Namespace:
+    """The command line; `--help` lists it."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=3)
@@ -53,6 +55,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def ds_config(args: argparse.Namespace) -> dict[str, Any]:
+    """DeepSpeed's configuration for the chosen ZeRO stage (and optimizer offload)."""
     zero: dict[str, Any] = {"stage": args.zero_stage}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": args.batch,
@@ -71,15 +74,9 @@ def ds_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
-def main() -> None:
-    args = parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    torch.manual_seed(args.seed)  # same initial weights on every rank
-    torch.use_deterministic_algorithms(True)
-    # Deterministic mode also fills every torch.empty with NaN; ZeRO 1-2 allocate gradient buckets
-    # of reduce_bucket_size (5e8 elements) each backward, which that turns into seconds per step.
-    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+def build_engine(args: argparse.Namespace) -> Any:
+    """The DeepSpeed engine of the demo GPT, its initial weights the same on every rank."""
+    torch.manual_seed(args.seed)
     config = GPTConfig(
         vocab_size=len(VOCAB),
         seq_len=args.seq,
@@ -94,6 +91,19 @@ def main() -> None:
         else torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     )
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(args))
+    return engine
+
+
+def main() -> None:
+    """Train `--steps` iterations, checkpointing each one (unless `--checkpoint none`)."""
+    args = parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.use_deterministic_algorithms(True)
+    # Deterministic mode also fills every torch.empty with NaN; ZeRO 1-2 allocate gradient buckets
+    # of reduce_bucket_size (5e8 elements) each backward, which that turns into seconds per step.
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    engine = build_engine(args)
     data = ArithmeticStream(rank, args.batch, args.seq, seed=args.seed)
     torch.manual_seed(args.seed + 1 + rank)
     random.seed(args.seed + 1 + rank)

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gemini_ckpt.demo import train_gpt
+from gemini_ckpt.observability import events as ev
+from gemini_ckpt.observability.events import read_events
 from gemini_ckpt.testbed.local import LocalSpec, LocalTestbed
 
 SCRIPT = Path(train_gpt.__file__)
@@ -62,3 +64,14 @@ def run_script_job(
     machines = int(fields.get("machines", 1))  # type: ignore[call-overload]
     assert code == 0, "\n".join(bed.agent_log(m)[-3000:] for m in range(machines))
     return bed
+
+
+def newest_common_step(bed: LocalTestbed, machines: int) -> int:
+    """The newest step every machine committed for all its ranks in generation 0.
+
+    A trainer killed right after committing step s leaves the other ranks' saves of s racing the
+    agent that stops them: on a busy host one can lose, and s - 1 is then what every rank holds.
+    """
+    records = read_events(bed.event_files())
+    progress = [e for e in records if e["event"] == ev.PROGRESS and e["generation"] == 0]
+    return min(max(e["step"] for e in progress if e["machine"] == m) for m in range(machines))

@@ -18,7 +18,7 @@ from gemini_ckpt.config import use_torch_extensions_dir
 from gemini_ckpt.demo import final_state
 from gemini_ckpt.recovery.plan import LOCAL_MEMORY, peer_source
 from gemini_ckpt.testbed.local import LocalTestbed
-from helpers.demo_jobs import run_script_job
+from helpers.demo_jobs import newest_common_step, run_script_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -72,7 +72,7 @@ def test_zero_1_and_2_resume_a_killed_trainer_from_local_memory(
     reference = reference_run(tmp_path_factory, stage, *extra)
     bed = run_job(tmp_path, stage, ("kill-worker@step=5,rank=1",), *extra)
     (recovery,) = bed.summary().recoveries
-    assert recovery.restored_step == 5
+    assert recovery.restored_step == newest_common_step(bed, 2) in (4, 5)
     assert recovery.sources == dict.fromkeys(range(WORLD), LOCAL_MEMORY)
     assert_same_final(reference, tmp_path)
 
@@ -81,7 +81,7 @@ def test_zero3_resumes_a_killed_trainer_from_local_memory(tmp_path, zero3_refere
     bed = run_job(tmp_path, 3, ("kill-worker@step=5,rank=3",))
     (recovery,) = bed.summary().recoveries
     assert any("rank 3" in f and "SIGKILL" in f for f in recovery.failures)
-    assert recovery.restored_step == 5
+    assert recovery.restored_step == newest_common_step(bed, 2) in (4, 5)
     assert recovery.sources == dict.fromkeys(range(WORLD), LOCAL_MEMORY)
     assert_same_final(zero3_reference, tmp_path)
 

@@ -16,7 +16,7 @@ from gemini_ckpt.observability import events as ev
 from gemini_ckpt.observability.events import read_events
 from gemini_ckpt.recovery.plan import LOCAL_MEMORY, peer_source
 from gemini_ckpt.testbed.local import LocalTestbed
-from helpers.demo_jobs import run_demo_job
+from helpers.demo_jobs import newest_common_step, run_demo_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -51,20 +51,11 @@ def restored_sources(bed: LocalTestbed) -> dict[int, str]:
     return {e["rank"]: e["source"] for e in records if e["event"] == ev.RESTORED}
 
 
-def newest_common_step(bed: LocalTestbed) -> int:
-    """The newest step every machine committed for all its ranks in generation 0."""
-    records = read_events(bed.event_files())
-    progress = [e for e in records if e["event"] == ev.PROGRESS and e["generation"] == 0]
-    return min(max(e["step"] for e in progress if e["machine"] == m) for m in range(2))
-
-
 def test_killed_fsdp2_trainer_resumes_bit_identically_from_local_memory(tmp_path, reference):
     bed = run_job(tmp_path, ("kill-worker@step=5,rank=1",))
     (recovery,) = bed.summary().recoveries
     assert recovery.kind == "software failure"
-    # Rank 1 dies right after committing step 5; a rank still writing step 5 then is stopped
-    # before it commits (on a busy host it can be), and step 4 is the newest common step.
-    assert recovery.restored_step == newest_common_step(bed) in (4, 5)
+    assert recovery.restored_step == newest_common_step(bed, 2) in (4, 5)
     assert recovery.sources == dict.fromkeys(range(WORLD), LOCAL_MEMORY)
     assert restored_sources(bed) == dict.fromkeys(range(WORLD), LOCAL_MEMORY)
     assert final_state.compare_dirs(reference, tmp_path / "final", WORLD) == []
