@@ -22,6 +22,7 @@ from gemini_ckpt.interleave.settings import InterleaveSettings, ProfileSettings
 ENV_AGENT_SOCKET = "GEMINI_AGENT_SOCKET"
 ENV_SNAPSHOT_MODE = "GEMINI_SNAPSHOT_MODE"
 ENV_COPY_THREADS = "GEMINI_COPY_THREADS"
+ENV_COPY_NICE = "GEMINI_COPY_NICE"
 ENV_CHUNK_SIZE = "GEMINI_CHUNK_SIZE"
 ENV_REQUEST_TIMEOUT = "GEMINI_REQUEST_TIMEOUT"
 ENV_PROFILE = "GEMINI_PROFILE"
@@ -109,6 +110,9 @@ class TrainerConfig:
     generation: int = 0
     snapshot_mode: str = "overlapped"
     copy_threads: int = field(default_factory=default_copy_threads)
+    copy_nice: int = 10
+    """Nice value of the copy threads: the snapshot yields the CPU to training's own threads
+    (collectives, data loading) when both want it (0: same priority as training)."""
     chunk_size: int = 4 << 20
     request_timeout_s: float = 600.0
     profile: ProfileSettings | None = None
@@ -124,6 +128,8 @@ class TrainerConfig:
             )
         if self.copy_threads < 1:
             raise ConfigError(f"copy threads must be >= 1, got {self.copy_threads}")
+        if not 0 <= self.copy_nice <= 19:
+            raise ConfigError(f"copy nice must be between 0 and 19, got {self.copy_nice}")
         if self.chunk_size < 4096 or self.chunk_size % 64:
             raise ConfigError(
                 f"chunk size must be >= 4096 and a multiple of 64, got {self.chunk_size}"
@@ -154,6 +160,7 @@ class TrainerConfig:
                 generation=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
                 snapshot_mode=env.get(ENV_SNAPSHOT_MODE, "overlapped"),
                 copy_threads=int(env.get(ENV_COPY_THREADS, str(default_copy_threads()))),
+                copy_nice=int(env.get(ENV_COPY_NICE, "10")),
                 chunk_size=parse_size(env.get(ENV_CHUNK_SIZE, str(4 << 20))),
                 request_timeout_s=float(env.get(ENV_REQUEST_TIMEOUT, "600")),
                 profile=_profile_from_env(env),

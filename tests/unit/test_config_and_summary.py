@@ -46,8 +46,10 @@ def test_trainer_config_from_env():
             "TORCHELASTIC_RESTART_COUNT": "2",
             "GEMINI_SNAPSHOT_MODE": "sync",
             "GEMINI_CHUNK_SIZE": "1MiB",
+            "GEMINI_COPY_NICE": "0",
         }
     )
+    assert config.copy_nice == 0
     assert (config.rank, config.generation, config.snapshot_mode, config.chunk_size) == (
         3,
         2,
@@ -62,6 +64,7 @@ def test_trainer_config_from_env():
         ({"RANK": "4", "WORLD_SIZE": "4"}, "rank 4 is outside world size 4"),
         ({"GEMINI_SNAPSHOT_MODE": "eager"}, "snapshot mode 'eager'"),
         ({"GEMINI_CHUNK_SIZE": "100"}, "chunk size"),
+        ({"GEMINI_COPY_NICE": "20"}, "copy nice must be between 0 and 19, got 20"),
         ({"RANK": "x"}, "invalid Gemini environment"),
     ],
 )

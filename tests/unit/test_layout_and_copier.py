@@ -1,4 +1,7 @@
 import itertools
+import os
+import sys
+import threading
 
 import pytest
 import torch
@@ -102,3 +105,18 @@ def test_copy_without_checksums_then_digests(torch_threads):
     finally:
         torch.set_num_threads(before)
         copier.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_copy_threads_run_niced_and_leave_the_caller_alone():
+    def nice_of_this_thread() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    caller = nice_of_this_thread()
+    copier = ChunkCopier(2, nice=min(19, caller + 7))
+    try:
+        workers = {copier.start().submit(nice_of_this_thread).result() for _ in range(4)}
+    finally:
+        copier.close()
+    assert workers == {min(19, caller + 7)}
+    assert nice_of_this_thread() == caller

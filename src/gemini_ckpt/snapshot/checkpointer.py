@@ -92,7 +92,7 @@ class StateCheckpointer:
         self._session = Session(
             config=config,
             client=client,
-            copier=ChunkCopier(config.copy_threads),
+            copier=ChunkCopier(config.copy_threads, nice=config.copy_nice),
             jobs=ThreadPoolExecutor(1, thread_name_prefix="gemini-save"),
             failpoints={fp["name"]: int(fp["step"]) for fp in hello.get("failpoints", [])},
         )

@@ -4,6 +4,8 @@ Worker threads each take a contiguous run of chunks. A chunk's pieces are copied
 (which releases the GIL) and then hashed with xxh3_64 (which also releases it) while the bytes are
 still in cache, so the checksum costs little beyond the copy itself. CUDA sources are copied on a
 side stream with `non_blocking=True` into the (pinned) region and hashed once their event fires.
+A trainer's copy threads run niced (`TrainerConfig.copy_nice`): the snapshot is background work,
+and the training threads that overlap it (gloo's collectives above all) must not wait for a core.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import xxhash
 
 from gemini_ckpt.snapshot.layout import Layout
 from gemini_ckpt.snapshot.omp import use_one_openmp_thread
+from gemini_ckpt.snapshot.priority import lower_thread_priority
 
 # Pieces a copy thread moves before hashing them: small enough to still be in cache when hashed.
 PIECE = 1 << 20
@@ -37,11 +40,13 @@ class ChunkCopier:
     """Copies entries into a region and checksums chunks, over a pool of named worker threads.
 
     `start()` creates the pool, `close()` joins it; both are idempotent. Not safe for concurrent
-    `copy` calls: the checkpointer runs one save job at a time.
+    `copy` calls: the checkpointer runs one save job at a time. With `nice` > 0 the workers run at
+    that lower CPU priority.
     """
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, *, nice: int = 0) -> None:
         self._threads = threads
+        self._nice = nice
         self._pool: ThreadPoolExecutor | None = None
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
@@ -50,9 +55,14 @@ class ChunkCopier:
         """Create the worker pool (idempotent) and return it."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(
-                self._threads, thread_name_prefix="gemini-copy", initializer=use_one_openmp_thread
+                self._threads, thread_name_prefix="gemini-copy", initializer=self._init_worker
             )
         return self._pool
+
+    def _init_worker(self) -> None:
+        use_one_openmp_thread()
+        if self._nice:
+            lower_thread_priority(self._nice)
 
     def close(self) -> None:
         """Join the worker threads (idempotent)."""
