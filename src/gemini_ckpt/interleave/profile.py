@@ -87,6 +87,10 @@ class IdleProfile:
         """Total idle time of the iteration."""
         return math.fsum(span.length for span in self.spans)
 
+    def first_span_holding(self, seconds: float) -> IdleSpan | None:
+        """The earliest span at least `seconds` long (None when none is)."""
+        return next((span for span in self.spans if span.length >= seconds), None)
+
 
 @dataclass(frozen=True)
 class SpanSpread:

@@ -74,12 +74,12 @@ def parse_request(message: dict[str, Any]) -> Request:
     return Request(op, request_id, fields)
 
 
-_TIMING_FIELDS = ("blocking_s", "copy_s", "iteration_s", "iteration_start")
+_TIMING_FIELDS = ("blocking_s", "copy_s", "deferred_s", "iteration_s", "iteration_start")
 _MAX_METRICS = 32
 
 
 def parse_timing(raw: Any) -> dict[str, Any]:
-    """Validate the optional `timing` of a commit: three durations and a few named metrics.
+    """Validate the optional `timing` of a commit: durations, a start time and named metrics.
 
     Raises:
         ProtocolError: a field is unknown, not a finite number, or there are too many metrics.

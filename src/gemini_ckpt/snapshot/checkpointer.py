@@ -10,12 +10,17 @@
 background while the next forward and backward run; a pre-hook on `optimizer.step()` waits for that
 copy before parameters change. The agent owns the memory, so a crash of this process loses at most
 the iteration in progress.
+
+Once the collectives are profiled (interleaving on), the background copy waits for the first idle
+span of the next iteration that holds it: started at once, its burst of CPU and memory traffic
+would land on the iteration's first collective, which every rank waits for.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +32,7 @@ import torch
 
 from gemini_ckpt.config import TrainerConfig
 from gemini_ckpt.errors import CorruptCheckpointError, SnapshotError
+from gemini_ckpt.interleave.profile import IdleProfile
 from gemini_ckpt.protocol.manifest import Manifest
 from gemini_ckpt.snapshot.agent_client import AgentClient
 from gemini_ckpt.snapshot.copier import ChunkCopier
@@ -74,6 +80,8 @@ class StateCheckpointer:
         self._last_call: float | None = None
         self._wait_s = 0.0
         self._profiler: IterationProfiler | None = None
+        self._idle: IdleProfile | None = None
+        self._go = threading.Event()
         self.restore_info: RestoreInfo | None = None
         self.last_save = SaveTiming()
 
@@ -221,10 +229,14 @@ class StateCheckpointer:
         )
         self._wait_s, self._last_call, self._last_step = 0.0, entered, step
         timing.capture_s = time.monotonic() - entered
-        self.last_save = timing
+        previous, self.last_save = self.last_save, timing
         if overlapped:
             self._next_iteration(session, timing)
-            self._pending = session.jobs.submit(_save_job, writer, flat, layout, ready, timing)
+            self._go = go = threading.Event()
+            delay = self._copy_delay(previous.copy_s)
+            self._pending = session.jobs.submit(
+                _save_job, writer, (flat, layout, ready, timing), go, delay
+            )
         else:
             # Sync mode: the bytes are copied before save() returns, so the state may change
             # right away; checksums and the commit follow in the background.
@@ -242,7 +254,14 @@ class StateCheckpointer:
             return
         report = self._profiler.mark(now)
         if report is not None:
+            self._idle = report.profile
             session.client.request("profile", rank=session.config.rank, profile=report.to_dict())
+
+    def _copy_delay(self, copy_s: float) -> float:
+        """Seconds from the iteration's start to the first idle span that holds the copy."""
+        # The earliest fitting span: a later one would delay the commit, and with it the push.
+        span = None if self._idle is None else self._idle.first_span_holding(copy_s)
+        return 0.0 if span is None else span.start
 
     def wait_replicated(self, step: int, timeout_s: float = 60.0) -> bool:
         """Block until every placement peer holds `step` of this machine's ranks (or newer).
@@ -260,6 +279,7 @@ class StateCheckpointer:
     def wait(self) -> None:
         """Block until the background save (if any) is committed; re-raise its failure."""
         pending, self._pending = self._pending, None
+        self._go.set()  # a deferred copy starts now: the caller needs it done
         if pending is not None:
             pending.result()
 
@@ -304,8 +324,16 @@ class Checkpointer(StateCheckpointer):
 
 
 def _save_job(
-    writer: SlotWriter, flat: FlatState, layout: Layout, ready: Any, timing: SaveTiming
+    writer: SlotWriter,
+    save: tuple[FlatState, Layout, Any, SaveTiming],
+    go: threading.Event,
+    delay: float,
 ) -> None:
+    flat, layout, ready, timing = save
+    if delay > 0:
+        started = time.monotonic()
+        go.wait(delay)
+        timing.deferred_s = time.monotonic() - started
     written = writer.write(flat, layout, ready, timing)
     if written is not None:
         writer.commit(flat, layout, written, timing)

@@ -48,6 +48,8 @@ class SaveTiming:
     """The agent asked to skip this save (nothing was written)."""
     iteration_start: float = 0.0
     """When the iteration after this save began (`time.monotonic()`; 0: not yet known)."""
+    deferred_s: float = 0.0
+    """How long the background copy waited for an idle span of the training network."""
 
     def report(self, mode: str) -> dict[str, Any]:
         """What the agent records with the commit."""
@@ -58,6 +60,7 @@ class SaveTiming:
             "blocking_s": blocking,
             "copy_s": self.copy_s + self.checksum_s,
             "iteration_s": self.iteration_s,
+            **({"deferred_s": self.deferred_s} if self.deferred_s else {}),
             "metrics": self.extra,
             **({"iteration_start": self.iteration_start} if self.iteration_start else {}),
         }
