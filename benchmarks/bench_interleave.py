@@ -174,6 +174,20 @@ def replication(records: list[dict[str, Any]], steps: list[int]) -> dict[str, An
     }
 
 
+def local_copy(records: list[dict[str, Any]], steps: list[int]) -> dict[str, Any]:
+    """From the commits: how long each background copy took, and how long it waited first.
+
+    A copy waits (`deferred_s`) for the first idle span that holds it once the trainer has its
+    profile; each machine's `progress` event carries one rank's timing.
+    """
+    measured = set(steps)
+    timings = [e for e in records if e["event"] == ev.PROGRESS and int(e["step"]) in measured]
+    return {
+        "copy_s": _stats([float(e.get("copy_s", 0.0)) for e in timings]),
+        "deferred_s": _stats([float(e.get("deferred_s", 0.0)) for e in timings]),
+    }
+
+
 def run_once(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """One job: its measured iterations, idle time and replication evidence."""
     spec = job_spec(model, mode, args, run_dir)
@@ -200,6 +214,7 @@ def run_once(model: str, mode: str, args: argparse.Namespace, run_dir: Path) -> 
     if mode != "none":
         records = read_events(bed.event_files())
         out["replication"] = replication(records, steps)
+        out["local_copy"] = local_copy(records, steps)
         if "--interleave" in MODES[mode][1]:
             out["profile"] = profile_stability(records)
             if not idle:  # the trainer did not record its collectives: the profile's idle time

@@ -94,3 +94,7 @@ def test_quick_mode_reports_every_mode_with_measured_replication(tmp_path):
         f"idle-span spread: median {profile['spread_median']:.3f}, max {profile['spread_max']:.3f}"
     )
     assert "every_step_replicated" not in summary["none"]
+    # Every machine's commit of every measured step, with the copy's time and its deferral.
+    copies = interleave["local_copy"]
+    assert copies["copy_s"]["n"] == copies["deferred_s"]["n"] == 4 * len(interleave["steps"])
+    assert copies["copy_s"]["median"] > 0
