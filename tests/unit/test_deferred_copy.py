@@ -8,7 +8,7 @@ from typing import Any
 
 from gemini_ckpt.interleave.profile import IdleProfile, IdleSpan
 from gemini_ckpt.protocol.messages import parse_timing
-from gemini_ckpt.snapshot.checkpointer import StateCheckpointer, _save_job
+from gemini_ckpt.snapshot.checkpointer import StateCheckpointer, _Deferral, _save_job
 from gemini_ckpt.snapshot.writer import SaveTiming
 
 PROFILE = IdleProfile(1.0, (IdleSpan(0.01, 0.002), IdleSpan(0.05, 0.03), IdleSpan(0.3, 0.2)))
@@ -46,9 +46,9 @@ def test_without_a_profile_or_a_fitting_span_the_copy_starts_at_once():
 
 
 def test_a_deferred_copy_waits_its_delay_and_reports_it():
-    writer, timing, go = RecordingWriter(), SaveTiming(step=3), threading.Event()
+    writer, timing = RecordingWriter(), SaveTiming(step=3)
     started = time.monotonic()
-    _save_job(writer, (None, None, None, timing), go, 0.05)  # type: ignore[arg-type]
+    _save_job(writer, None, None, None, timing, _Deferral(0.05))  # type: ignore[arg-type]
     assert writer.wrote_at is not None and writer.wrote_at - started >= 0.05
     assert writer.committed
     assert 0.05 <= timing.deferred_s < 1.0
@@ -56,12 +56,12 @@ def test_a_deferred_copy_waits_its_delay_and_reports_it():
 
 
 def test_a_caller_that_needs_the_copy_starts_it_without_waiting_out_the_delay():
-    writer, timing, go = RecordingWriter(), SaveTiming(step=3), threading.Event()
-    job = threading.Thread(target=_save_job, args=(writer, (None, None, None, timing), go, 30.0))
+    writer, timing, deferral = RecordingWriter(), SaveTiming(step=3), _Deferral(30.0)
+    job = threading.Thread(target=_save_job, args=(writer, None, None, None, timing, deferral))
     job.start()
     time.sleep(0.05)
     assert writer.wrote_at is None  # still deferred
-    go.set()  # what wait() (the optimizer's pre-hook) does
+    deferral.go.set()  # what wait() (the optimizer's pre-hook) does
     job.join(timeout=5)
     assert not job.is_alive() and writer.committed
     assert timing.deferred_s < 5
@@ -69,5 +69,5 @@ def test_a_caller_that_needs_the_copy_starts_it_without_waiting_out_the_delay():
 
 def test_an_undeferred_copy_reports_no_delay():
     timing = SaveTiming(step=1)
-    _save_job(RecordingWriter(), (None, None, None, timing), threading.Event(), 0.0)  # type: ignore[arg-type]
+    _save_job(RecordingWriter(), None, None, None, timing, _Deferral(0.0))  # type: ignore[arg-type]
     assert "deferred_s" not in timing.report("overlapped")

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,7 +81,7 @@ class StateCheckpointer:
         self._wait_s = 0.0
         self._profiler: IterationProfiler | None = None
         self._idle: IdleProfile | None = None
-        self._go = threading.Event()
+        self._deferral = _Deferral(0.0)
         self.restore_info: RestoreInfo | None = None
         self.last_save = SaveTiming()
 
@@ -232,10 +232,9 @@ class StateCheckpointer:
         previous, self.last_save = self.last_save, timing
         if overlapped:
             self._next_iteration(session, timing)
-            self._go = go = threading.Event()
-            delay = self._copy_delay(previous.copy_s)
+            self._deferral = deferral = _Deferral(self._copy_delay(previous.copy_s))
             self._pending = session.jobs.submit(
-                _save_job, writer, (flat, layout, ready, timing), go, delay
+                _save_job, writer, flat, layout, ready, timing, deferral
             )
         else:
             # Sync mode: the bytes are copied before save() returns, so the state may change
@@ -279,7 +278,7 @@ class StateCheckpointer:
     def wait(self) -> None:
         """Block until the background save (if any) is committed; re-raise its failure."""
         pending, self._pending = self._pending, None
-        self._go.set()  # a deferred copy starts now: the caller needs it done
+        self._deferral.go.set()  # a deferred copy starts now: the caller needs it done
         if pending is not None:
             pending.result()
 
@@ -323,17 +322,30 @@ class Checkpointer(StateCheckpointer):
         super().__init__(TrainingState(model, optimizers, lr_scheduler, extra_state), config=config)
 
 
+@dataclass
+class _Deferral:
+    """When a background copy may start: `delay` seconds after it is queued, or once `go` is set."""
+
+    delay: float
+    go: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self, timing: SaveTiming) -> None:
+        """Hold the copy back; the time held goes to `timing.deferred_s`."""
+        if self.delay > 0:
+            started = time.monotonic()
+            self.go.wait(self.delay)
+            timing.deferred_s = time.monotonic() - started
+
+
 def _save_job(
     writer: SlotWriter,
-    save: tuple[FlatState, Layout, Any, SaveTiming],
-    go: threading.Event,
-    delay: float,
+    flat: FlatState,
+    layout: Layout,
+    ready: Any,
+    timing: SaveTiming,
+    deferral: _Deferral,
 ) -> None:
-    flat, layout, ready, timing = save
-    if delay > 0:
-        started = time.monotonic()
-        go.wait(delay)
-        timing.deferred_s = time.monotonic() - started
+    deferral.wait(timing)
     written = writer.write(flat, layout, ready, timing)
     if written is not None:
         writer.commit(flat, layout, written, timing)
