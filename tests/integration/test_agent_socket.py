@@ -89,7 +89,14 @@ def test_bad_timing_is_refused_before_anything_is_committed(agent: EmbeddedAgent
     with raw_connection(agent) as sock:
         sock.sendall(encode_frame({"op": "hello", "id": 1, "rank": 0, "pid": 1, "generation": 0}))
         assert recv_frame(sock)["ok"]
-        sock.sendall(encode_frame({"op": "begin", "id": 2, "rank": 0, "step": 2}))
+        # A begin's timing (the next iteration's start, for the pacer) is checked as strictly.
+        bad_begin = {"op": "begin", "id": 2, "rank": 0, "step": 2}
+        sock.sendall(encode_frame({**bad_begin, "timing": {"iteration_start": "now"}}))
+        reply = recv_frame(sock)
+        assert reply["ok"] is False
+        assert "timing iteration_start must be a finite number" in reply["error"]["message"]
+        begin = {**bad_begin, "timing": {"iteration_start": 12.5}}
+        sock.sendall(encode_frame(begin))
         slot = recv_frame(sock)["slot"]
         for timing, text in (
             ('{"t":"soon"}', "unknown timing fields ['t']"),

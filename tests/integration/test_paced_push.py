@@ -1,4 +1,5 @@
-"""Pushes paced into idle windows: units of R/p bytes, at most p unacknowledged, real TCP."""
+"""Pushes paced into idle windows: units of R/p bytes (or the piece a window holds), at most p
+unacknowledged, real TCP."""
 
 from __future__ import annotations
 
@@ -55,6 +56,25 @@ def test_units_wait_for_the_idle_window_of_the_iteration(machines):  # noqa: F81
     assert result.ok, result.describe()
     assert pacer.stats.in_window == 3
     assert 1.2 <= elapsed < 5.0  # the last unit went in the second iteration's window
+    assert read(machines.replicas, 0, 1) == payload(SIZE, 1)
+
+
+def test_a_unit_that_does_not_fit_the_window_goes_in_pieces(machines):  # noqa: F811
+    # 1 MB/s, 0.29 s window: two whole units (0.262 s), then the bytes that fit the rest of the
+    # window (up to 28 000, cut inside a chunk), and what is left of the 300 000 in the next
+    # iteration's window.
+    pacer = _pacer(window_s=0.29, bandwidth=1e6)
+    pacing = Pacing(pacer, unit_bytes=2 * CHUNK, window=2, min_piece_bytes=4 << 10)
+    ref = commit(machines.own, 0, 1, payload(SIZE, 1))
+    started = time.monotonic()
+    pacer.iteration_started(0, started)
+    threading.Timer(1.0, lambda: pacer.iteration_started(1, started + 1.0)).start()
+    with machines.link() as link:
+        result = link.push(machines.own, ref, 0, pacing=pacing)
+    assert result.ok, result.describe()
+    assert pacer.stats.chunks == 4 and pacer.stats.in_window == 4
+    assert pacer.stats.bytes == SIZE
+    assert time.monotonic() - started >= 1.2  # the last piece waited for the next window
     assert read(machines.replicas, 0, 1) == payload(SIZE, 1)
 
 

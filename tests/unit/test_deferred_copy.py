@@ -21,7 +21,9 @@ class RecordingWriter:
         self.wrote_at: float | None = None
         self.committed = False
 
-    def write(self, *_: Any) -> str:
+    def write(self, *args: Any) -> str:
+        *_, before_copy = args
+        before_copy()  # the slot is claimed (and the iteration's start reported) before the hold
         self.wrote_at = time.monotonic()
         return "written"
 
@@ -48,7 +50,8 @@ def test_without_a_profile_or_a_fitting_span_the_copy_starts_at_once():
 def test_a_deferred_copy_waits_its_delay_and_reports_it():
     writer, timing = RecordingWriter(), SaveTiming(step=3)
     started = time.monotonic()
-    _save_job(writer, None, None, None, timing, _Deferral(0.05))  # type: ignore[arg-type]
+    deferral = _Deferral(started + 0.05)
+    _save_job(writer, None, None, None, timing, deferral)  # type: ignore[arg-type]
     assert writer.wrote_at is not None and writer.wrote_at - started >= 0.05
     assert writer.committed
     assert 0.05 <= timing.deferred_s < 1.0
@@ -56,7 +59,11 @@ def test_a_deferred_copy_waits_its_delay_and_reports_it():
 
 
 def test_a_caller_that_needs_the_copy_starts_it_without_waiting_out_the_delay():
-    writer, timing, deferral = RecordingWriter(), SaveTiming(step=3), _Deferral(30.0)
+    writer, timing, deferral = (
+        RecordingWriter(),
+        SaveTiming(step=3),
+        _Deferral(time.monotonic() + 30),
+    )
     job = threading.Thread(target=_save_job, args=(writer, None, None, None, timing, deferral))
     job.start()
     time.sleep(0.05)

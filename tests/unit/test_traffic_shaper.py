@@ -84,8 +84,8 @@ def test_commits_anchor_the_pacers_iterations(shaper):
     shaper.profile_request(_profile(2, [[0.0, 0.6]]))
     shaper.profile_request(_profile(3, [[0.0, 0.6]]))
     assert shaper.pacer.next_grant(1000, 50.0) is None  # no iteration known yet
-    shaper.committed(2, 7, {"iteration_start": 50.0})
-    assert shaper.pacer.next_grant(1000, 50.1) == (50.1, "in_window")
+    shaper.iteration_started(2, 7, {"iteration_start": 50.0})
+    assert shaper.pacer.next_grant(1000, 50.1) == (50.1, "in_window", 1000)
 
 
 def test_without_interleaving_everything_is_sent_at_once(tmp_path):

@@ -3,8 +3,10 @@
 The trainers profile their collectives and send the idle spans of a typical iteration (`profile`
 requests); once every local rank has, their spans are intersected (the ranks share the machine's
 link), the checkpoint is scheduled into them (`schedule_checkpoint`: chunk size, interval and why)
-and the pacer that the senders to all peers share is set to that profile. Each commit carries the
-start of the trainer's next iteration, which anchors the pacer's windows.
+and the pacer that the senders to all peers share is set to that profile. Each save's `begin`
+(and again its commit) carries the start of the trainer's next iteration, which anchors the
+pacer's windows: the begin comes before the copy, so a copy deferred into an idle span does not
+leave the pacer without the iteration's early windows.
 
 Until the first profile is in, nothing is sent: as in the paper, the profiled iterations run
 without checkpoint traffic, so the traffic cannot distort the profile it is scheduled by. A new
@@ -89,8 +91,8 @@ class TrafficShaper:
             return None
         return Pacing(self.pacer, settings.chunk_bytes, settings.sub_buffers, cancelled)
 
-    def committed(self, _rank: int, step: int, timing: dict[str, Any]) -> None:
-        """A commit: its timing says when the trainer's next iteration started."""
+    def iteration_started(self, _rank: int, step: int, timing: dict[str, Any]) -> None:
+        """A save began or committed: its timing says when the trainer's next iteration started."""
         started = timing.get("iteration_start")
         if self.enabled and started:
             self.pacer.iteration_started(step, float(started))

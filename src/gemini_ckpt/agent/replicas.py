@@ -205,9 +205,9 @@ class ReplicaRole:
             self._cond.notify_all()
 
     def service_hooks(self) -> dict[str, Any]:
-        """What the trainer service passes on: commits (iteration starts) and two requests."""
+        """What the trainer service passes on: iteration starts and two requests."""
         return {
-            "on_commit": self.shaper.committed,
+            "on_iteration": self.shaper.iteration_started,
             "handlers": {
                 "profile": self.shaper.profile_request,
                 "replicated": self.replicated_request,

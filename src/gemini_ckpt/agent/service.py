@@ -57,7 +57,7 @@ class TrainerService:
     ) -> None:
         hooks = hooks or ServiceHooks()
         self._on_step = hooks.on_step
-        self._on_commit = hooks.on_commit
+        self._on_iteration = hooks.on_iteration
         self._config = config
         self._store = store
         self._coordinator = coordinator
@@ -184,6 +184,9 @@ class TrainerService:
 
     def _begin(self, request: Request, conn: Connection) -> dict[str, Any]:
         rank, step = request["rank"], request["step"]
+        timing = parse_timing(request.fields.get("timing"))
+        if self._on_iteration is not None and timing:
+            self._on_iteration(rank, step, timing)
         grant = self._store.prepare_write(rank, step)
         if grant.overwrites is not None and grant.keep is not None:
             settled = self._settle(conn, grant.keep)
@@ -215,8 +218,8 @@ class TrainerService:
         self._store.commit(rank, request["slot"], manifest)
         conn.writing = None
         self._record_progress(rank, manifest.step, timing)
-        if self._on_commit is not None:
-            self._on_commit(rank, manifest.step, timing)
+        if self._on_iteration is not None:
+            self._on_iteration(rank, manifest.step, timing)
         self._injector.after_commit(rank, manifest.step, self.pid(rank), self._store)
         return {}
 

@@ -32,7 +32,9 @@ class ServiceHooks:
     timeline: Callable[[int, dict[str, Any]], None] | None = None
     """Add fields to this machine's part of a generation's recovery timeline (may block on etcd;
     called from a reporter thread, never from a trainer's request)."""
-    on_commit: Callable[[int, int, dict[str, Any]], None] | None = None
-    """A rank committed a step: (rank, step, the trainer's timing of that save)."""
+    on_iteration: Callable[[int, int, dict[str, Any]], None] | None = None
+    """A rank began or committed a save: (rank, step, the trainer's timing of that save, whose
+    `iteration_start` is when the next iteration began). The begin comes first and on time; the
+    commit may come much later when the copy waits for an idle span."""
     handlers: Mapping[str, Callable[[Request], dict[str, Any]]] = field(default_factory=dict)
     """Requests answered by another part of the agent (`profile`, `replicated`)."""

@@ -5,13 +5,15 @@ the interval. Real iterations do not start on a fixed clock, so the pacer anchor
 spans to each iteration's start as the trainers report it and grants link time chunk by chunk:
 
 - a chunk may start only inside the usable part [start, start + mu * length] of an idle span of
-  the current iteration, and only if its modelled cost alpha + s/B ends inside it;
+  the current iteration, and only if its modelled cost alpha + s/B ends inside it; where the
+  whole chunk does not fit, the largest piece that does (at least `min_bytes`) is granted, as the
+  schedule fills the end of each span with a partial chunk;
 - grants never overlap: the senders to the different peers share one link, and each grant
   reserves its modelled time on it;
 - a chunk that finds no room left in the current iteration waits for the next iteration's start,
   so a checkpoint too big for one iteration spreads over several, as the schedule's interval says;
-- a chunk larger than any usable window (R/p too big for the profile) goes at the start of the
-  iteration's last span, the schedule's overflow rule, and is counted as overflow;
+- a chunk whose smallest piece fits no usable window goes whole at the start of the iteration's
+  last span, the schedule's overflow rule, and is counted as overflow;
 - once the trainers report no iteration for `stall_s` past the expected end of the current one,
   the network carries no training traffic to avoid: chunks go at once until iterations resume.
 
@@ -24,8 +26,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gemini_ckpt.interleave.profile import IdleProfile
+from gemini_ckpt.interleave.schedule import largest_fitting_chunk
 from gemini_ckpt.interleave.traffic import TrafficConfig
 
 _POLL_S = 0.05
@@ -43,6 +47,14 @@ class PacerStats:
     unpaced: int = 0
     """Granted at once: no profile yet, or training reported no iteration for a while."""
     waited_s: float = 0.0
+
+
+class Grant(NamedTuple):
+    """Link time for `nbytes` (all or part of what was asked for) from `at`, and why."""
+
+    at: float
+    kind: str
+    nbytes: int
 
 
 class LinkPacer:
@@ -93,20 +105,29 @@ class LinkPacer:
                 self._anchor = min(self._anchor, at)
             self._cond.notify_all()
 
-    def acquire(self, nbytes: int, cancelled: Callable[[], bool] = lambda: False) -> bool:
-        """Wait until a chunk of `nbytes` may go on the link; False if `cancelled()` first."""
+    def acquire(
+        self,
+        nbytes: int,
+        cancelled: Callable[[], bool] = lambda: False,
+        min_bytes: int | None = None,
+    ) -> int:
+        """Wait until `nbytes`, or a piece of at least `min_bytes`, may go on the link.
+
+        Returns the bytes granted (`nbytes` when `min_bytes` is None), or 0 if `cancelled()`
+        first.
+        """
         started = self._clock()
         with self._cond:
             while True:
                 if cancelled():
-                    return False
+                    return 0
                 now = self._clock()
-                grant = self.next_grant(nbytes, now)
-                if grant is not None and grant[0] <= now:
-                    self._reserve(nbytes, now, grant[1])
+                grant = self.next_grant(nbytes, now, min_bytes)
+                if grant is not None and grant.at <= now:
+                    self._reserve(grant.nbytes, now, grant.kind)
                     self.stats.waited_s += now - started
-                    return True
-                wait = _POLL_S if grant is None else min(_POLL_S, grant[0] - now)
+                    return grant.nbytes
+                wait = _POLL_S if grant is None else min(_POLL_S, grant.at - now)
                 self._cond.wait(timeout=wait)
 
     def _reserve(self, nbytes: int, now: float, kind: str) -> None:
@@ -117,33 +138,37 @@ class LinkPacer:
         self.stats.bytes += nbytes
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
 
-    def next_grant(self, nbytes: int, now: float) -> tuple[float, str] | None:
-        """When a chunk of `nbytes` asked for at `now` may start, and why.
+    def next_grant(self, nbytes: int, now: float, min_bytes: int | None = None) -> Grant | None:
+        """When `nbytes` (or a piece of at least `min_bytes`) asked for at `now` may start.
 
         None: not in this iteration (wait for the next one's start). Changes nothing: `acquire`
-        reserves. The reason is "in_window", "overflow" (too big for any window: the last span) or
-        "unpaced" (no profile, or training reported no iteration for a while).
+        reserves. The kind is "in_window", "overflow" (even the smallest piece fits no window:
+        all of it at the last span) or "unpaced" (no profile, or training reported no iteration
+        for a while); only "in_window" grants a piece.
         """
         profile, traffic, anchor = self._profile, self._traffic, self._anchor
         if profile is None or traffic is None:
-            return now, "unpaced"
+            return Grant(now, "unpaced", nbytes)
         if anchor is None:
             return None  # no iteration reported yet in this generation
         earliest = max(now, self._link_free_at)
         if earliest > anchor + profile.iteration_seconds + self._stall_s:
-            return earliest, "unpaced"
-        cost = traffic.cost(nbytes)
+            return Grant(earliest, "unpaced", nbytes)
+        smallest = nbytes if min_bytes is None else max(1, min(min_bytes, nbytes))
         windows = [
             (anchor + span.start, anchor + span.start + traffic.margin * span.length)
             for span in profile.spans
         ]
         for opens, closes in windows:
             start = max(earliest, opens)
-            if start + cost <= closes:
-                return start, "in_window"
+            if start + traffic.cost(nbytes) <= closes:
+                return Grant(start, "in_window", nbytes)
+            fits = largest_fitting_chunk(0.0, closes - start, traffic, limit=nbytes)
+            if fits >= smallest:
+                return Grant(start, "in_window", fits)
         longest = max((closes - opens for opens, closes in windows), default=0.0)
-        if windows and cost > longest:
+        if windows and traffic.cost(smallest) > longest:
             opens, closes = windows[-1]
             if earliest <= max(closes, opens):
-                return max(earliest, opens), "overflow"
+                return Grant(max(earliest, opens), "overflow", nbytes)
         return None

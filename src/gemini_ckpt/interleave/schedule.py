@@ -138,18 +138,21 @@ def schedule_checkpoint(
     )
 
 
-def largest_fitting_chunk(used: float, usable: float, traffic: TrafficConfig) -> int:
+def largest_fitting_chunk(
+    used: float, usable: float, traffic: TrafficConfig, limit: int | None = None
+) -> int:
     """Bytes of the next chunk in a span that has spent `used` of its `usable` seconds.
 
-    A whole sub-buffer (R/p bytes) if it fits, else the largest whole number of bytes s with
-    used + alpha + s/B <= usable, else 0.
+    `limit` bytes (default: a whole sub-buffer, R/p) if they fit, else the largest whole number
+    of bytes s with used + alpha + s/B <= usable, else 0.
     """
-    if used + traffic.cost(traffic.chunk_bytes) <= usable:
-        return traffic.chunk_bytes
+    limit = traffic.chunk_bytes if limit is None else limit
+    if used + traffic.cost(limit) <= usable:
+        return limit
     left = usable - used - traffic.latency_s
     if left <= 0:
         return 0
-    size = min(math.floor(left * traffic.bandwidth_bytes_per_s), traffic.chunk_bytes)
+    size = min(math.floor(left * traffic.bandwidth_bytes_per_s), limit)
     # floor() of a rounded product can still be one byte too many under the cost model.
     while size > 0 and used + traffic.cost(size) > usable:
         size -= 1

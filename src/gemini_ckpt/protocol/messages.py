@@ -5,9 +5,11 @@ Every request is `{"op": NAME, "id": N, ...fields}`; every reply is `{"id": N, "
 
 Call order for one rank: `hello`, then `restore` (which may be followed by `restored` or
 `report_corrupt`), then per step `allocate` (only when the state grew), `begin`, `commit` (or
-`abort`). `failpoint` is sent by a trainer that reached an armed fault point; the agent kills it.
-`profile` carries the idle spans of the trainer's iterations (when the agent interleaves its
-replication traffic); `replicated` waits until the placement peers hold a step.
+`abort`). `begin` and `commit` may carry the save's `timing`, whose `iteration_start` tells an
+interleaving agent when the next iteration began. `failpoint` is sent by a trainer that reached
+an armed fault point; the agent kills it. `profile` carries the idle spans of the trainer's
+iterations (when the agent interleaves its replication traffic); `replicated` waits until the
+placement peers hold a step.
 """
 
 from __future__ import annotations

@@ -5,13 +5,15 @@ One push on one connection:
     peer -> us   {"op": "push", rank, step, generation} + manifest JSON
     us -> peer   {"ok": true}  (slot granted)  or  {"ok": false, "error"}  (refused; nothing sent)
                  or  {"ok": true, "held": true}  (that very checkpoint is held already: done)
-    peer -> us   {"op": "chunk", rank, step, index, digest} + chunk bytes   (each chunk, in order)
-    us -> peer   {"ok": true, "ack": index}   (only for a chunk whose frame asks with "ack": true)
+    peer -> us   {"op": "chunk", rank, step, index, digest[, offset]} + bytes   (every chunk, in
+                 order; whole, or in pieces: `offset` is where a piece starts within its chunk)
+    us -> peer   {"ok": true, "ack": index}   (only for a frame that asks with "ack": true)
     peer -> us   {"op": "commit"}  or, at any point,  {"op": "abort", "reason"}
     us -> peer   {"ok": true}  or  {"ok": false, "error"}
 
 Chunks are received straight into the granted slot's mapping and hashed piece by piece as they
-land, while the bytes are still in the CPU's cache. Each must match both the digest its frame
+land, while the bytes are still in the CPU's cache (a chunk sent in several frames, as a paced
+sender fills idle windows, is hashed across them). Each must match both the digest its frame
 carries and the manifest's; the slot is committed only after the sender's final "commit", every
 chunk verified and the generation unchanged. Anything else aborts the write: the slot was never
 visible, and the replica's other slot still holds the previous complete step.
@@ -146,18 +148,23 @@ class PushReceiver:
         """Receive the chunks and the sender's verdict; True once the replica is committed."""
         manifest = write.manifest
         for index in range(manifest.num_chunks):
-            header = self._next(sock, where)
-            if header.get("op") == "abort":
-                return self._aborted(sock, where, manifest, header)
             start, end = manifest.chunk_range(index)
-            self._check_chunk_frame(header, manifest, index, end - start, write.rejected)
-            received = wire.recv_hashed_into(sock, write.view[start:end])
-            if received != manifest.chunk_digests[index]:
+            hasher, got = wire.chunk_hasher(), 0
+            while start + got < end:
+                header = self._next(sock, where)
+                if header.get("op") == "abort":
+                    return self._aborted(sock, where, manifest, header)
+                size = self._check_chunk_frame(header, manifest, index, (got, end - start))
+                if got == 0 and header.get("digest") != manifest.chunk_digests[index]:
+                    write.rejected.append(f"{index} (frame digest differs from the manifest's)")
+                wire.recv_hashing_into(sock, write.view[start + got : start + got + size], hasher)
+                got += size
+                if header.get("ack") is True:
+                    # A paced sender keeps a bounded number of units in flight (its
+                    # sub-buffers); the verdict on the chunk still comes with the commit.
+                    wire.send(sock, {"ok": True, "ack": index})
+            if hasher.hexdigest() != manifest.chunk_digests[index]:
                 write.rejected.append(str(index))
-            if header.get("ack") is True:
-                # A paced sender keeps a bounded number of chunks in flight (its sub-buffers);
-                # the verdict on the chunk still comes with the commit.
-                wire.send(sock, {"ok": True, "ack": index})
         header = self._next(sock, where)
         if header.get("op") == "abort":
             return self._aborted(sock, where, manifest, header)
@@ -174,18 +181,27 @@ class PushReceiver:
 
     @staticmethod
     def _check_chunk_frame(
-        header: dict[str, Any], manifest: Manifest, index: int, nbytes: int, rejected: list[str]
-    ) -> None:
-        """Check a chunk frame's identity and size; a digest unlike the manifest's is noted."""
+        header: dict[str, Any], manifest: Manifest, index: int, progress: tuple[int, int]
+    ) -> int:
+        """Check a chunk frame's identity, offset and size; return its payload's size.
+
+        `progress` is (bytes of the chunk received so far, the chunk's size): the frame must
+        continue where the last one ended and must not run past the chunk.
+        """
+        received, nbytes = progress
         expected = {"op": "chunk", "rank": manifest.rank, "step": manifest.step, "index": index}
         got = {key: header.get(key) for key in expected}
-        if got != expected or wire.payload_size(header) != nbytes:
+        size = wire.payload_size(header)
+        if (
+            got != expected
+            or header.get("offset", 0) != received
+            or not 0 < size <= nbytes - received
+        ):
             raise wire.WireError(
-                f"expected chunk {index} of rank {manifest.rank} step {manifest.step} "
-                f"({nbytes} bytes), got {str(header)[:200]}"
+                f"expected chunk {index} of rank {manifest.rank} step {manifest.step} from byte "
+                f"{received} (up to {nbytes - received} bytes), got {str(header)[:200]}"
             )
-        if header.get("digest") != manifest.chunk_digests[index]:
-            rejected.append(f"{index} (frame digest differs from the manifest's)")
+        return size
 
     def _aborted(
         self, sock: socket.socket, where: str, manifest: Manifest, header: dict[str, Any]

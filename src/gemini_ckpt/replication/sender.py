@@ -30,7 +30,7 @@ from gemini_ckpt.replication import wire
 from gemini_ckpt.replication.auth import AuthenticationError, Credentials
 from gemini_ckpt.replication.connection import Timeouts, call, connect, expect_ok
 from gemini_ckpt.replication.mapping import SlotMappings
-from gemini_ckpt.replication.pacing import Acks, Pacing, unit_bytes, units
+from gemini_ckpt.replication.pacing import Acks, Pacing, PieceSender
 from gemini_ckpt.store.local_store import LocalStore, SlotRef
 
 log = logging.getLogger(__name__)
@@ -238,25 +238,26 @@ class PeerLink:
         if reply.get("held"):
             return PushStatus.REPLICATED, "the peer already held it", 0
         acks = Acks(sock, self.where, pacing.window if pacing else 0)
-        for unit in units(manifest, pacing.unit_bytes if pacing else 0):
-            if pacing is not None:
-                asked = time.monotonic()
-                granted = pacing.pacer.acquire(unit_bytes(manifest, unit), pacing.cancelled)
-                self._paced_s += time.monotonic() - asked
-                if not granted:
-                    return self._abort(sock, acks, "the push was cancelled", progress)
-            for index in unit:
-                start, end = manifest.chunk_range(index)
-                payload = view[start:end]
-                frame = {"op": "chunk", "rank": ref.rank, "step": manifest.step, "index": index}
-                frame["digest"] = manifest.chunk_digests[index]
-                if pacing is not None and index == unit[-1]:
-                    frame["ack"] = True
-                wire.send(sock, frame, _flipped(payload) if index == corrupt_chunk else payload)
-                progress[0] += end - start
-                if pacing is None and not store.unchanged(ref):
+        pieces = PieceSender(sock, manifest, view, corrupt_chunk)
+        if pacing is None:
+            for index in range(manifest.num_chunks):
+                pieces.send(*manifest.chunk_range(index))
+                progress[0] = pieces.sent
+                if not store.unchanged(ref):
                     reason = f"the source slot was overwritten after chunk {index}"
                     return self._abort(sock, acks, reason, progress)
+        while pacing is not None and pieces.sent < manifest.data_nbytes:
+            # One sub-buffer (R/p bytes) at a time, or the part of it that fits an idle window.
+            want = min(pacing.unit_bytes, manifest.data_nbytes - pieces.sent)
+            asked = time.monotonic()
+            granted = pacing.pacer.acquire(
+                want, pacing.cancelled, min_bytes=min(want, pacing.min_piece_bytes)
+            )
+            self._paced_s += time.monotonic() - asked
+            if not granted:
+                return self._abort(sock, acks, "the push was cancelled", progress)
+            pieces.send(pieces.sent, pieces.sent + granted, ack=True)
+            progress[0] = pieces.sent
             acks.sent()
         acks.drain()
         call(sock, self.where, {"op": "commit"})
@@ -333,11 +334,3 @@ def _stale(sock: socket.socket) -> bool:
     except (OSError, ValueError):
         return True
     return bool(readable)
-
-
-def _flipped(payload: memoryview) -> bytes:
-    """A copy of `payload` with one bit flipped in its middle byte (fault injection)."""
-    corrupted = bytearray(payload)
-    if corrupted:
-        corrupted[len(corrupted) // 2] ^= 0x01
-    return bytes(corrupted)

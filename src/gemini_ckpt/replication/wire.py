@@ -133,12 +133,27 @@ def recv_hashed_into(sock: socket.socket, view: memoryview) -> str:
         WireError: the peer closed the connection first.
         OSError: the connection broke or a receive timed out.
     """
-    hasher = xxhash.xxh3_64()
+    hasher = chunk_hasher()
+    recv_hashing_into(sock, view, hasher)
+    return str(hasher.hexdigest())
+
+
+def chunk_hasher() -> Any:
+    """A fresh hasher of the manifest's chunk checksum (xxh3_64)."""
+    return xxhash.xxh3_64()
+
+
+def recv_hashing_into(sock: socket.socket, view: memoryview, hasher: Any) -> None:
+    """Fill `view` from the socket, feeding each piece to `hasher` as it lands.
+
+    Raises:
+        WireError: the peer closed the connection first.
+        OSError: the connection broke or a receive timed out.
+    """
     for offset in range(0, len(view), HASH_PIECE):
         piece = view[offset : offset + HASH_PIECE]
         recv_exact_into(sock, piece)
         hasher.update(piece)
-    return str(hasher.hexdigest())
 
 
 def recv_header(sock: socket.socket, limit: int = MAX_HEADER) -> dict[str, Any] | None:

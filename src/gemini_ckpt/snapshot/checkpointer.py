@@ -232,7 +232,9 @@ class StateCheckpointer:
         previous, self.last_save = self.last_save, timing
         if overlapped:
             self._next_iteration(session, timing)
-            self._deferral = deferral = _Deferral(self._copy_delay(previous.copy_s))
+            delay = self._copy_delay(previous.copy_s)
+            until = timing.iteration_start + delay if delay > 0 else 0.0
+            self._deferral = deferral = _Deferral(until)
             self._pending = session.jobs.submit(
                 _save_job, writer, flat, layout, ready, timing, deferral
             )
@@ -324,16 +326,16 @@ class Checkpointer(StateCheckpointer):
 
 @dataclass
 class _Deferral:
-    """When a background copy may start: `delay` seconds after it is queued, or once `go` is set."""
+    """When a background copy may start: at `until` (monotonic seconds), or once `go` is set."""
 
-    delay: float
+    until: float
     go: threading.Event = field(default_factory=threading.Event)
 
     def wait(self, timing: SaveTiming) -> None:
         """Hold the copy back; the time held goes to `timing.deferred_s`."""
-        if self.delay > 0:
-            started = time.monotonic()
-            self.go.wait(self.delay)
+        started = time.monotonic()
+        if self.until > started:
+            self.go.wait(self.until - started)
             timing.deferred_s = time.monotonic() - started
 
 
@@ -345,7 +347,6 @@ def _save_job(
     timing: SaveTiming,
     deferral: _Deferral,
 ) -> None:
-    deferral.wait(timing)
-    written = writer.write(flat, layout, ready, timing)
+    written = writer.write(flat, layout, ready, timing, lambda: deferral.wait(timing))
     if written is not None:
         writer.commit(flat, layout, written, timing)

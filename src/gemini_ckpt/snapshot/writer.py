@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,10 +97,17 @@ class SlotWriter:
         self._regions: dict[int, MappedRegion] = {}
 
     def write(
-        self, flat: FlatState, layout: Layout, ready: Any, timing: SaveTiming
+        self,
+        flat: FlatState,
+        layout: Layout,
+        ready: Any,
+        timing: SaveTiming,
+        before_copy: Callable[[], None] = lambda: None,
     ) -> WrittenSlot | None:
-        """Claim a slot and copy the state into it (with checksums when overlapped).
+        """Claim a slot, call `before_copy`, copy the state (with checksums when overlapped).
 
+        `before_copy` may hold the copy back (until an idle span of the training network); the
+        slot is claimed first so that the agent hears of the iteration's start on time.
         Returns None when the agent says to skip this save (it cannot make it safe right now,
         e.g. etcd is briefly unavailable): training goes on and a later save is kept instead.
         """
@@ -109,11 +117,16 @@ class SlotWriter:
         if layout.data_nbytes > self._capacity:
             reply = client.request("allocate", rank=config.rank, nbytes=layout.data_nbytes)
             self._capacity = int(reply["capacity"])
-        grant = client.request("begin", rank=config.rank, step=step)
+        # The next iteration's start, for an interleaving agent's pacer (see `before_copy`).
+        start = {"iteration_start": timing.iteration_start} if timing.iteration_start else None
+        grant = client.request(
+            "begin", rank=config.rank, step=step, **({"timing": start} if start else {})
+        )
         if grant.get("skip"):
             log.warning("step %d not checkpointed: %s", step, grant.get("reason"))
             timing.skipped = True
             return None
+        before_copy()
         checksum = config.snapshot_mode == "overlapped"
         try:
             region = self._region(int(grant["slot"]), Path(grant["path"]))
@@ -136,7 +149,7 @@ class SlotWriter:
         except BaseException as e:
             self.abort(step, e)
             raise
-        timing.copy_s = time.monotonic() - started
+        timing.copy_s = time.monotonic() - started - timing.deferred_s
         return WrittenSlot(int(grant["slot"]), str(grant.get("job", "")), region, digests)
 
     def commit(
