@@ -383,7 +383,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.modes, args.repeats = "gpt2-10b", "none,interleave", 1
-        args.iterations, args.warmup, args.profile_iterations = 3, 2, 2
+        # Enough profiled iterations for a usable profile, enough measured ones for every peer
+        # to get a step even when the schedule spreads a checkpoint over two iterations.
+        args.iterations, args.warmup, args.profile_iterations = 6, 2, 4
         args.scale, args.compute_ms = args.scale or 512, args.compute_ms or 300.0
         args.layers = args.layers or 6
     modes = args.modes.split(",")

@@ -74,8 +74,8 @@ def test_quick_mode_reports_every_mode_with_measured_replication(tmp_path):
     assert summary["none"]["ratio_to_none"] == {"min": 1.0, "median": 1.0}
     (none,) = report["runs"]["gpt2-10b"]["none"]
     (interleave,) = report["runs"]["gpt2-10b"]["interleave"]
-    # measured iterations only: after the warm-up and the profiling iterations
-    assert none["steps"] == interleave["steps"] == [5, 6, 7]
+    # measured iterations only: after the 2 warm-up and the 4 profiling iterations
+    assert none["steps"] == interleave["steps"] == [7, 8, 9, 10, 11, 12]
     assert 0 < none["idle_s"]["median"] < none["iteration_s"]["median"]
     replication = interleave["replication"]
     # Group placement with m = 2 on 4 machines: each rank has exactly one peer.

@@ -35,6 +35,7 @@ def shaper(tmp_path):
 
 def test_sending_waits_until_every_local_rank_sent_its_profile(shaper, tmp_path):
     assert shaper.enabled and not shaper.ready()
+    assert shaper.copy_by() is None  # not scheduled: trainers do not defer their copies
     assert shaper.profile_request(_profile(2, [[0.0, 0.6], [0.8, 0.2]])) == {"used": True}
     assert not shaper.ready()
     shaper.profile_request(_profile(3, [[0.1, 0.6], [0.8, 0.2]], period=1.1))
@@ -48,6 +49,8 @@ def test_sending_waits_until_every_local_rank_sent_its_profile(shaper, tmp_path)
     assert [[round(v, 6) for v in span] for span in event["spans"]] == [[0.1, 0.5], [0.8, 0.2]]
     # 50 MiB at 125 MB/s is 0.42 s; 0.8 of 0.8 s of idle time is 0.64 s: every iteration.
     assert event["interval"] == 1
+    # It needs the first span's time too: a deferred local copy must be done by 0.1 s.
+    assert shaper.copy_by() == event["copy_by_s"] == pytest.approx(0.1)
     assert event["spread"] == {"2": [0.05, 0.05], "3": [0.05, 0.05]}
     status = shaper.status()["interleave"]
     assert status["profiled"] and status["interval"] == 1
@@ -64,6 +67,7 @@ def test_a_checkpoint_that_does_not_fit_one_iterations_idle_time_gets_a_longer_i
     ]
     # 2 x 200 MiB at 125 MB/s in 0.4 s per iteration: 3.4 s of transfer, interval 9.
     assert event["interval"] == 9
+    assert shaper.copy_by() is None  # the push needs every window it can get
     assert "exceed one iteration's idle time" in event["reason"]
 
 
@@ -71,8 +75,10 @@ def test_a_new_generation_profiles_again(shaper):
     shaper.profile_request(_profile(2, [[0.0, 0.6]]))
     shaper.profile_request(_profile(3, [[0.0, 0.6]]))
     assert shaper.ready()
+    assert shaper.copy_by() is not None
     shaper.enter(4)
     assert not shaper.ready() and not shaper.pacer.pacing
+    assert shaper.copy_by() is None
 
 
 def test_a_malformed_profile_is_a_protocol_error_naming_the_rank(shaper):

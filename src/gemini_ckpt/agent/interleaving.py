@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gemini_ckpt.errors import ConfigError, ProtocolError
-from gemini_ckpt.interleave import Schedule, schedule_checkpoint
+from gemini_ckpt.interleave import Schedule, latest_start, schedule_checkpoint
 from gemini_ckpt.interleave.pacer import LinkPacer
 from gemini_ckpt.interleave.profile import (
     MAX_SPANS,
@@ -60,6 +60,7 @@ class TrafficShaper:
         self._spread: dict[int, list[float]] = {}
         self._generation = -1
         self._schedule: Schedule | None = None
+        self._copy_by: float | None = None
         self.pacer = LinkPacer()
 
     @property
@@ -74,6 +75,7 @@ class TrafficShaper:
             self._profiles.clear()
             self._spread.clear()
             self._schedule = None
+            self._copy_by = None
         self.pacer.configure(None, None)
         self.pacer.reset()
 
@@ -90,6 +92,16 @@ class TrafficShaper:
         if settings is None or not self.enabled:
             return None
         return Pacing(self.pacer, settings.chunk_bytes, settings.sub_buffers, cancelled)
+
+    def copy_by(self) -> float | None:
+        """Seconds into an iteration by which a trainer's deferred local copy must be done.
+
+        A push cannot start before its commit: a copy held back into a later idle span must
+        still leave the push the windows it needs (`latest_start`), or the push spills into the
+        next iteration and a checkpoint is skipped. None until scheduled (then: no deferral).
+        """
+        with self._lock:
+            return self._copy_by
 
     def iteration_started(self, _rank: int, step: int, timing: dict[str, Any]) -> None:
         """A save began or committed: its timing says when the trainer's next iteration started."""
@@ -139,6 +151,8 @@ class TrafficShaper:
                 return
             # No idle span: an empty schedule still opens the gate (sending unpaced).
             self._schedule = schedule or _UNPACED
+            fits = schedule is not None and schedule.interval_iterations == 1
+            self._copy_by = latest_start(merged, traffic) if fits else None
         self.pacer.configure(merged if schedule else None, traffic if schedule else None)
         self._events.emit(
             events.INTERLEAVE_SCHEDULE,
@@ -149,6 +163,7 @@ class TrafficShaper:
             shard_bytes=traffic.shard_bytes,
             interval=schedule.interval_iterations if schedule else None,
             checkpoint_s=schedule.checkpoint_seconds if schedule else None,
+            copy_by_s=self.copy_by(),
             transfer_s=schedule.transfer_seconds if schedule else None,
             reason=schedule.reason if schedule else "no idle span: unpaced",
         )

@@ -208,6 +208,7 @@ class ReplicaRole:
         """What the trainer service passes on: iteration starts and two requests."""
         return {
             "on_iteration": self.shaper.iteration_started,
+            "copy_by": self.shaper.copy_by,
             "handlers": {
                 "profile": self.shaper.profile_request,
                 "replicated": self.replicated_request,

@@ -58,6 +58,7 @@ class TrainerService:
         hooks = hooks or ServiceHooks()
         self._on_step = hooks.on_step
         self._on_iteration = hooks.on_iteration
+        self._copy_by = hooks.copy_by
         self._config = config
         self._store = store
         self._coordinator = coordinator
@@ -204,7 +205,13 @@ class TrainerService:
                 )
             path = self._store.begin_write(rank, grant)
             conn.writing = step
-        return {"slot": grant.slot, "path": str(path), "job": self._config.job_id}
+        copy_by = self._copy_by() if self._copy_by is not None else None
+        return {
+            "slot": grant.slot,
+            "path": str(path),
+            "job": self._config.job_id,
+            **({"copy_by_s": copy_by} if copy_by is not None else {}),
+        }
 
     def _commit(self, request: Request, conn: Connection) -> dict[str, Any]:
         rank = request["rank"]

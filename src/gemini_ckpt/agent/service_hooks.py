@@ -36,5 +36,8 @@ class ServiceHooks:
     """A rank began or committed a save: (rank, step, the trainer's timing of that save, whose
     `iteration_start` is when the next iteration began). The begin comes first and on time; the
     commit may come much later when the copy waits for an idle span."""
+    copy_by: Callable[[], float | None] | None = None
+    """Seconds into an iteration by which a deferred local copy must be done (None: do not
+    defer); sent with every `begin` grant."""
     handlers: Mapping[str, Callable[[Request], dict[str, Any]]] = field(default_factory=dict)
     """Requests answered by another part of the agent (`profile`, `replicated`)."""

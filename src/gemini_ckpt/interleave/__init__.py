@@ -19,6 +19,7 @@ from gemini_ckpt.interleave.schedule import (
     MAX_SPREAD_ITERATIONS,
     Schedule,
     largest_fitting_chunk,
+    latest_start,
     schedule_checkpoint,
     span_capacity,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "TrafficConfig",
     "idle_spans",
     "largest_fitting_chunk",
+    "latest_start",
     "mean_profile",
     "schedule_checkpoint",
     "span_capacity",

@@ -87,9 +87,16 @@ class IdleProfile:
         """Total idle time of the iteration."""
         return math.fsum(span.length for span in self.spans)
 
-    def first_span_holding(self, seconds: float) -> IdleSpan | None:
-        """The earliest span at least `seconds` long (None when none is)."""
-        return next((span for span in self.spans if span.length >= seconds), None)
+    def first_span_holding(self, seconds: float, ends_by: float = math.inf) -> IdleSpan | None:
+        """The earliest span holding `seconds` that end by `ends_by` (None when none does)."""
+        return next(
+            (
+                span
+                for span in self.spans
+                if span.length >= seconds and span.start + seconds <= ends_by
+            ),
+            None,
+        )
 
 
 @dataclass(frozen=True)

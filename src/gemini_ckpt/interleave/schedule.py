@@ -138,6 +138,24 @@ def schedule_checkpoint(
     )
 
 
+def latest_start(profile: IdleProfile, traffic: TrafficConfig) -> float:
+    """The latest start of an idle span from which the rest of the iteration carries the traffic.
+
+    Seconds from the iteration's start: the remote copies, scheduled into that span and the ones
+    after it, still fit this iteration's usable idle time. A checkpoint committed by then is sent
+    within the iteration; one committed later spills into the next. 0.0 when the traffic needs
+    the iteration from its first span on or does not fit one iteration at all.
+    """
+    if traffic.total_bytes == 0:
+        return profile.iteration_seconds
+    for first in range(len(profile.spans) - 1, -1, -1):
+        rest = IdleProfile(profile.iteration_seconds, profile.spans[first:])
+        _, cursor = _pack_iteration(rest, traffic, Cursor(0, 0), 0)
+        if cursor.done(traffic):
+            return profile.spans[first].start
+    return 0.0
+
+
 def largest_fitting_chunk(
     used: float, usable: float, traffic: TrafficConfig, limit: int | None = None
 ) -> int:

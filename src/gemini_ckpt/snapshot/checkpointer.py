@@ -232,9 +232,8 @@ class StateCheckpointer:
         previous, self.last_save = self.last_save, timing
         if overlapped:
             self._next_iteration(session, timing)
-            delay = self._copy_delay(previous.copy_s)
-            until = timing.iteration_start + delay if delay > 0 else 0.0
-            self._deferral = deferral = _Deferral(until)
+            deferral = _Deferral(timing.iteration_start, self._idle, previous.copy_s)
+            self._deferral = deferral
             self._pending = session.jobs.submit(
                 _save_job, writer, flat, layout, ready, timing, deferral
             )
@@ -257,12 +256,6 @@ class StateCheckpointer:
         if report is not None:
             self._idle = report.profile
             session.client.request("profile", rank=session.config.rank, profile=report.to_dict())
-
-    def _copy_delay(self, copy_s: float) -> float:
-        """Seconds from the iteration's start to the first idle span that holds the copy."""
-        # The earliest fitting span: a later one would delay the commit, and with it the push.
-        span = None if self._idle is None else self._idle.first_span_holding(copy_s)
-        return 0.0 if span is None else span.start
 
     def wait_replicated(self, step: int, timeout_s: float = 60.0) -> bool:
         """Block until every placement peer holds `step` of this machine's ranks (or newer).
@@ -324,18 +317,38 @@ class Checkpointer(StateCheckpointer):
         super().__init__(TrainingState(model, optimizers, lr_scheduler, extra_state), config=config)
 
 
+def copy_start(profile: IdleProfile | None, copy_s: float, copy_by: float | None) -> float:
+    """Seconds from the iteration's start at which the local copy starts (0.0: at once).
+
+    The earliest idle span that holds a copy of `copy_s` (the last one's duration) ending by
+    `copy_by`, the agent's bound that leaves the push of this checkpoint its windows: a later
+    span would delay the commit, and with it the push. No profile or no bound: at once.
+    """
+    if profile is None or copy_by is None:
+        return 0.0
+    span = profile.first_span_holding(copy_s, ends_by=copy_by)
+    return 0.0 if span is None else span.start
+
+
 @dataclass
 class _Deferral:
-    """When a background copy may start: at `until` (monotonic seconds), or once `go` is set."""
+    """When a background copy may start: in an idle span (see `copy_start`), or once `go` is set.
 
-    until: float
+    `iteration_start` is when the iteration began (monotonic seconds); span starts count from it.
+    """
+
+    iteration_start: float
+    profile: IdleProfile | None = None
+    copy_s: float = 0.0
     go: threading.Event = field(default_factory=threading.Event)
 
-    def wait(self, timing: SaveTiming) -> None:
+    def wait(self, timing: SaveTiming, copy_by: float | None) -> None:
         """Hold the copy back; the time held goes to `timing.deferred_s`."""
+        start = copy_start(self.profile, self.copy_s, copy_by)
         started = time.monotonic()
-        if self.until > started:
-            self.go.wait(self.until - started)
+        until = self.iteration_start + start
+        if start > 0 and until > started:
+            self.go.wait(until - started)
             timing.deferred_s = time.monotonic() - started
 
 
@@ -347,6 +360,6 @@ def _save_job(
     timing: SaveTiming,
     deferral: _Deferral,
 ) -> None:
-    written = writer.write(flat, layout, ready, timing, lambda: deferral.wait(timing))
+    written = writer.write(flat, layout, ready, timing, lambda by: deferral.wait(timing, by))
     if written is not None:
         writer.commit(flat, layout, written, timing)

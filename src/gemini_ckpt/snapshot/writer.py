@@ -102,12 +102,14 @@ class SlotWriter:
         layout: Layout,
         ready: Any,
         timing: SaveTiming,
-        before_copy: Callable[[], None] = lambda: None,
+        before_copy: Callable[[float | None], None] = lambda _copy_by: None,
     ) -> WrittenSlot | None:
         """Claim a slot, call `before_copy`, copy the state (with checksums when overlapped).
 
         `before_copy` may hold the copy back (until an idle span of the training network); the
-        slot is claimed first so that the agent hears of the iteration's start on time.
+        slot is claimed first so that the agent hears of the iteration's start on time, and
+        its grant says by when a held-back copy must be done (`copy_by_s`, passed on; None
+        when the agent sets no bound).
         Returns None when the agent says to skip this save (it cannot make it safe right now,
         e.g. etcd is briefly unavailable): training goes on and a later save is kept instead.
         """
@@ -126,7 +128,8 @@ class SlotWriter:
             log.warning("step %d not checkpointed: %s", step, grant.get("reason"))
             timing.skipped = True
             return None
-        before_copy()
+        copy_by = grant.get("copy_by_s")
+        before_copy(float(copy_by) if isinstance(copy_by, (int, float)) else None)
         checksum = config.snapshot_mode == "overlapped"
         try:
             region = self._region(int(grant["slot"]), Path(grant["path"]))

@@ -17,6 +17,7 @@ from gemini_ckpt.interleave import (
     Schedule,
     TrafficConfig,
     idle_spans,
+    latest_start,
     mean_profile,
     schedule_checkpoint,
     span_spread,
@@ -274,6 +275,40 @@ def test_interval_is_the_fewest_iterations_without_overflow(
     period = profile.iteration_seconds
     assert (interval - 1) * period < first.checkpoint_seconds or traffic.total_bytes == 0
     assert first.checkpoint_seconds <= interval * period * (1 + TIGHT)
+
+
+def test_latest_start_by_hand() -> None:
+    # Three 1 s spans (100 bytes each at 100 B/s) in a 10 s iteration.
+    three = IdleProfile(10.0, (IdleSpan(1.0, 1.0), IdleSpan(4.0, 1.0), IdleSpan(7.0, 1.0)))
+    # 150 bytes need two spans: a push that starts by the second span's start still fits.
+    assert latest_start(three, _traffic(shard_bytes=150)) == 4.0
+    assert latest_start(three, _traffic(shard_bytes=100)) == 7.0  # the last span holds it all
+    assert latest_start(three, _traffic(shard_bytes=300)) == 1.0  # needs every span
+    assert latest_start(three, _traffic(shard_bytes=301)) == 0.0  # does not fit one iteration
+    assert latest_start(three, _traffic(remote_replicas=0)) == 10.0  # nothing to send
+
+
+@given(_profiles(), _traffics())
+@settings(max_examples=60, deadline=None)
+def test_what_follows_the_latest_start_carries_the_checkpoint(
+    profile: IdleProfile, traffic: TrafficConfig
+) -> None:
+    latest = latest_start(profile, traffic)
+    schedule = schedule_checkpoint(profile, traffic)
+    fits = schedule.interval_iterations == 1 and schedule.overflow_bytes == 0
+    rest = [span for span in profile.spans if span.start >= latest]
+    if traffic.total_bytes == 0:
+        assert latest == profile.iteration_seconds
+    elif not fits:
+        assert latest == 0.0
+    else:
+        assert rest and latest == rest[0].start
+        after = schedule_checkpoint(IdleProfile(profile.iteration_seconds, tuple(rest)), traffic)
+        assert after.overflow_bytes == 0
+        later = rest[1:]  # starting from the next span on would not fit
+        if later:
+            tail = IdleProfile(profile.iteration_seconds, tuple(later))
+            assert schedule_checkpoint(tail, traffic).overflow_bytes > 0
 
 
 def _spans(profile: IdleProfile) -> list[tuple[float, float]]:
