@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 from test_replication import SIZE, machines  # noqa: F401  (the fixture)
@@ -27,6 +28,21 @@ def _pacer(window_s: float, bandwidth: float) -> LinkPacer:
     return pacer
 
 
+def _push_over_two_iterations(
+    machines,  # noqa: F811
+    pacer: LinkPacer,
+    pacing: Pacing,
+) -> tuple[Any, float]:
+    """Push step 1 of rank 0 while iterations start now and 1 s later; (result, seconds taken)."""
+    ref = commit(machines.own, 0, 1, payload(SIZE, 1))
+    started = time.monotonic()
+    pacer.iteration_started(0, started)
+    threading.Timer(1.0, lambda: pacer.iteration_started(1, started + 1.0)).start()
+    with machines.link() as link:
+        result = link.push(machines.own, ref, 0, pacing=pacing)
+    return result, time.monotonic() - started
+
+
 @pytest.mark.parametrize("window", [1, 4])
 def test_a_paced_push_with_acknowledged_units_lands_bit_identical(machines, window):  # noqa: F811
     pacer = LinkPacer()  # no profile: every unit granted at once, acknowledgements still flow
@@ -45,14 +61,9 @@ def test_units_wait_for_the_idle_window_of_the_iteration(machines):  # noqa: F81
     # 1 MB/s: a unit of 128 KiB costs 0.13 s, so a 0.3 s window holds two; the third unit
     # waits for the next iteration's window.
     pacer = _pacer(window_s=0.3, bandwidth=1e6)
-    pacing = Pacing(pacer, unit_bytes=2 * CHUNK, window=1)
-    ref = commit(machines.own, 0, 1, payload(SIZE, 1))
-    started = time.monotonic()
-    pacer.iteration_started(0, started)
-    threading.Timer(1.0, lambda: pacer.iteration_started(1, started + 1.0)).start()
-    with machines.link() as link:
-        result = link.push(machines.own, ref, 0, pacing=pacing)
-    elapsed = time.monotonic() - started
+    result, elapsed = _push_over_two_iterations(
+        machines, pacer, Pacing(pacer, unit_bytes=2 * CHUNK, window=1)
+    )
     assert result.ok, result.describe()
     assert pacer.stats.in_window == 3
     assert 1.2 <= elapsed < 5.0  # the last unit went in the second iteration's window
@@ -64,17 +75,13 @@ def test_a_unit_that_does_not_fit_the_window_goes_in_pieces(machines):  # noqa: 
     # window (up to 28 000, cut inside a chunk), and what is left of the 300 000 in the next
     # iteration's window.
     pacer = _pacer(window_s=0.29, bandwidth=1e6)
-    pacing = Pacing(pacer, unit_bytes=2 * CHUNK, window=2, min_piece_bytes=4 << 10)
-    ref = commit(machines.own, 0, 1, payload(SIZE, 1))
-    started = time.monotonic()
-    pacer.iteration_started(0, started)
-    threading.Timer(1.0, lambda: pacer.iteration_started(1, started + 1.0)).start()
-    with machines.link() as link:
-        result = link.push(machines.own, ref, 0, pacing=pacing)
+    result, elapsed = _push_over_two_iterations(
+        machines, pacer, Pacing(pacer, unit_bytes=2 * CHUNK, window=2, min_piece_bytes=4 << 10)
+    )
     assert result.ok, result.describe()
     assert pacer.stats.chunks == 4 and pacer.stats.in_window == 4
     assert pacer.stats.bytes == SIZE
-    assert time.monotonic() - started >= 1.2  # the last piece waited for the next window
+    assert elapsed >= 1.2  # the last piece waited for the next window
     assert read(machines.replicas, 0, 1) == payload(SIZE, 1)
 
 
