@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 import pytest
 from test_replication import SIZE, machines  # noqa: F401  (the fixture)
 
 from gemini_ckpt.interleave import IdleProfile, IdleSpan, TrafficConfig
 from gemini_ckpt.interleave.pacer import LinkPacer
-from gemini_ckpt.replication import Pacing, PushStatus
+from gemini_ckpt.replication import Pacing, PushResult, PushStatus
 from helpers.replicas import commit, payload, read
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -32,7 +31,7 @@ def _push_over_two_iterations(
     machines,  # noqa: F811
     pacer: LinkPacer,
     pacing: Pacing,
-) -> tuple[Any, float]:
+) -> tuple[PushResult, float]:
     """Push step 1 of rank 0 while iterations start now and 1 s later; (result, seconds taken)."""
     ref = commit(machines.own, 0, 1, payload(SIZE, 1))
     started = time.monotonic()

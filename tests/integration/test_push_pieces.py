@@ -53,6 +53,16 @@ def _piece(manifest: Manifest, index: int, offset: int, ack: bool = False) -> di
     return frame
 
 
+def _send_in_pieces(
+    sock: socket.socket, manifest: Manifest, index: int, pieces: list[bytes], ack: bool = False
+) -> None:
+    """Send chunk `index` as `pieces`, back to back; the last asks for an acknowledgement."""
+    offset = 0
+    for n, piece in enumerate(pieces):
+        wire.send(sock, _piece(manifest, index, offset, ack and n == len(pieces) - 1), piece)
+        offset += len(piece)
+
+
 def test_pieces_in_order_land_bit_identical_and_are_acknowledged(machines):  # noqa: F811
     data = payload(SIZE, 3)
     manifest = commit(machines.own, 0, 3, data).manifest
@@ -61,11 +71,9 @@ def test_pieces_in_order_land_bit_identical_and_are_acknowledged(machines):  # n
             start, end = manifest.chunk_range(index)
             # Three uneven pieces per chunk, the last asking for an acknowledgement.
             cuts = [start, start + 1000, start + (end - start) // 2 + 7, end]
-            for left, right in pairwise(cuts):
-                ack = right == end
-                wire.send(sock, _piece(manifest, index, left - start, ack), data[left:right])
-                if ack:
-                    assert wire.recv_header(sock) == {"ok": True, "ack": index}
+            pieces = [data[left:right] for left, right in pairwise(cuts)]
+            _send_in_pieces(sock, manifest, index, pieces, ack=True)
+            assert wire.recv_header(sock) == {"ok": True, "ack": index}
         wire.send(sock, {"op": "commit"})
         assert expect_ok(sock, "peer", "commit")["ok"] is True
     assert read(machines.replicas, 0, 3) == data
@@ -81,8 +89,7 @@ def test_a_tampered_piece_fails_its_chunk_at_commit(machines):  # noqa: F811
             second = bytearray(data[middle:end])
             if index == 1:
                 second[0] ^= 0x01  # the first piece is intact: only hashing across both tells
-            wire.send(sock, _piece(manifest, index, 0), data[start:middle])
-            wire.send(sock, _piece(manifest, index, middle - start), bytes(second))
+            _send_in_pieces(sock, manifest, index, [data[start:middle], bytes(second)])
         wire.send(sock, {"op": "commit"})
         reply = wire.recv_header(sock)
     assert reply is not None and reply["ok"] is False
